@@ -1,0 +1,1 @@
+"""sharpkit.balance (in progress)."""

@@ -1,0 +1,1 @@
+"""sharpkit.curvature (in progress)."""

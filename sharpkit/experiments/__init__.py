@@ -1,0 +1,1 @@
+"""sharpkit.experiments (in progress)."""

@@ -1,0 +1,1 @@
+"""sharpkit.landscape (in progress)."""

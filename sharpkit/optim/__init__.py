@@ -1,0 +1,12 @@
+"""The SAM family as ``torch.optim`` optimizers.
+
+All share one base (:class:`~sharpkit.optim.SAMBase` for the two-pass methods,
+:class:`~sharpkit.optim.WrappedOptimizer` underneath it) and one contract,
+tested for every optimizer in ``tests/optim/test_contract.py``.
+"""
+
+from ._base import BufferSnapshot, SAMBase, WrappedOptimizer, frozen_buffers
+from .asam import ASAM
+from .sam import SAM
+
+__all__ = ["ASAM", "SAM", "BufferSnapshot", "SAMBase", "WrappedOptimizer", "frozen_buffers"]

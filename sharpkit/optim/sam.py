@@ -1,0 +1,127 @@
+"""SAM: Sharpness-Aware Minimization (Foret et al., 2021)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ._base import SAMBase, check_nonneg_float, global_norm
+
+__all__ = ["SAM"]
+
+
+class SAM(SAMBase):
+    r"""Sharpness-Aware Minimization around any ``torch.optim`` optimizer.
+
+    SAM minimises :math:`\max_{\|e\| \le \rho} L_B(w + e)` with the first-order
+    inner solution
+
+    .. math::
+
+        e = \rho \, \frac{T_w^2 \, g}{\| T_w \, g \|}, \qquad
+        w \leftarrow \mathrm{base\_step}\big(w,\; \nabla L_B(w + e)\big),
+
+    with :math:`g = \nabla L_B(w)` and one global 2-norm over all parameters.
+    Plain SAM has :math:`T_w = 1`; ``adaptive=True`` uses
+    :math:`T_w = |w| + \xi` elementwise (ASAM's scale-invariant form; see
+    :class:`~sharpkit.optim.ASAM`, which sets ASAM's defaults). A group's own
+    ``rho`` scales its part of ``e``; the norm stays global. A zero or non-finite
+    gradient norm gives ``e = 0`` (and a non-finite gradient skips the update,
+    leaving the weights unchanged, with a ``RuntimeWarning``).
+
+    The constructor matches the most widely used PyTorch SAM
+    (``SAM(params, base_optimizer, rho=0.05, adaptive=False, **kwargs)``), so code
+    written for it runs after changing the import. One difference:
+    ``step(closure)`` evaluates the closure at ``w`` itself, so no
+    ``loss.backward()`` is needed before it.
+
+    Args:
+        params: parameters or parameter-group dicts (groups may set ``rho``,
+            ``adaptive`` and ``xi``).
+        base_optimizer: optimizer class applied with the perturbed gradient,
+            e.g. ``torch.optim.SGD``.
+        rho: perturbation radius (>= 0). ``rho=0`` reproduces the base optimizer
+            bit for bit. Typical values 0.05-0.1.
+        adaptive: scale the perturbation by :math:`T_w = |w| + \xi`.
+        xi: the offset :math:`\xi` of :math:`T_w` (only with ``adaptive``).
+        model: optional module whose buffers (BatchNorm running statistics) are
+            restored after the perturbed pass, so they come from the clean pass.
+        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
+
+    Example:
+        >>> import torch
+        >>> from sharpkit.optim import SAM
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Linear(3, 1)
+        >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
+        >>> opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+        >>> def closure():
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> first = opt.step(closure).item()
+        >>> later = [opt.step(closure).item() for _ in range(20)][-1]
+        >>> later < first
+        True
+
+    References:
+        Foret, Kleiner, Mobahi, Neyshabur. Sharpness-Aware Minimization for
+        Efficiently Improving Generalization. ICLR 2021. arXiv:2010.01412.
+    """
+
+    _OWN_KEYS = ("rho", "adaptive", "xi")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: Callable[..., Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        xi: float = 0.0,
+        *,
+        model: nn.Module | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        defaults = {
+            "rho": check_nonneg_float("rho", rho),
+            "adaptive": _check_bool("adaptive", adaptive),
+            "xi": check_nonneg_float("xi", xi),
+        }
+        super().__init__(params, base_optimizer, defaults, base_kwargs, model=model)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        if "xi" in group:
+            group["xi"] = check_nonneg_float("xi", group["xi"])
+        if "adaptive" in group:
+            group["adaptive"] = _check_bool("adaptive", group["adaptive"])
+
+    def _ascent_direction(
+        self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]
+    ) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+        directions: list[list[torch.Tensor]] = []
+        scaled: list[torch.Tensor] = []  # T_w * g, whose global norm normalises e
+        for group, ps in groups:
+            grads = [p.grad for p in ps]
+            if group["adaptive"] and ps:
+                t = torch._foreach_abs(ps)
+                if group["xi"]:
+                    torch._foreach_add_(t, group["xi"])
+                tg = torch._foreach_mul(t, grads)
+                scaled.extend(tg)
+                directions.append(torch._foreach_mul(t, tg))  # T_w^2 g
+            else:
+                scaled.extend(grads)
+                directions.append(grads)
+        return directions, global_norm(scaled)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value

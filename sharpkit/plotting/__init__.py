@@ -1,0 +1,1 @@
+"""sharpkit.plotting (in progress)."""

@@ -1,0 +1,1 @@
+"""sharpkit.sharpness (in progress)."""

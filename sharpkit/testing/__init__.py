@@ -1,0 +1,1 @@
+"""sharpkit.testing (in progress)."""
