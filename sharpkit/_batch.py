@@ -1,0 +1,182 @@
+"""How sharpkit takes a model, a loss and data: one convention for the whole library.
+
+- A **batch loss** is a function ``loss_fn(model, batch) -> Tensor``. ``model`` is
+  anything callable like the module (sharpkit may pass a ``torch.func``
+  functional wrapper of it, so use it only by calling it); ``batch`` is whatever
+  the data yields. It returns the *mean* loss over the batch (a scalar), or,
+  where sharpkit asks for per-example losses (delta-SAM, Fisher-Rao), a vector
+  with one loss per example (``reduction='none'``).
+- A plain criterion (an ``nn.Module`` loss such as ``nn.CrossEntropyLoss()``) is
+  accepted wherever a batch loss is, and means the supervised convention: the
+  batch is ``(inputs, targets)`` and the loss is ``criterion(model(inputs), targets)``
+  (see :func:`supervised`).
+- **Data** is either one batch (a tensor, or a tuple/list/dict of tensors) or an
+  iterable of batches (a ``DataLoader``, a list of tuples). The number of examples
+  in a batch is the leading dimension of its first tensor (:func:`batch_size`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BatchLoss",
+    "as_batch_loss",
+    "batch_size",
+    "iter_batches",
+    "move_batch",
+    "split_batch",
+    "supervised",
+]
+
+BatchLoss = Callable[[Callable[..., Any], Any], torch.Tensor]
+
+
+def _call(model: Callable[..., Any], inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
+def supervised(criterion: Callable[[Any, Any], torch.Tensor]) -> BatchLoss:
+    """Turn ``criterion(outputs, targets)`` into a batch loss over ``(inputs, targets)``.
+
+    Dict inputs are passed as keyword arguments (``model(**inputs)``).
+
+    Example:
+        >>> loss_fn = supervised(nn.MSELoss())
+        >>> model = nn.Linear(2, 1)
+        >>> float(loss_fn(model, (torch.zeros(4, 2), model.bias.detach().expand(4, 1)))) == 0.0
+        True
+    """
+
+    def loss_fn(model: Callable[..., Any], batch: Any) -> torch.Tensor:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(
+                "batch: a criterion expects batches of (inputs, targets); got "
+                f"{type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                + ". Pass a loss_fn(model, batch) for other batch layouts."
+            )
+        inputs, targets = batch
+        return criterion(_call(model, inputs), targets)
+
+    loss_fn.criterion = criterion  # type: ignore[attr-defined]
+    return loss_fn
+
+
+def as_batch_loss(loss: Any) -> BatchLoss:
+    """Normalise a loss argument to the batch-loss convention.
+
+    An ``nn.Module`` loss (subclass of ``torch.nn.modules.loss._Loss``) is wrapped
+    with :func:`supervised`; any other callable is taken to be ``loss_fn(model, batch)``.
+    """
+    if isinstance(loss, nn.modules.loss._Loss):
+        return supervised(loss)
+    if not callable(loss):
+        raise TypeError(
+            f"loss_fn: expected a callable loss_fn(model, batch) or an nn loss module, "
+            f"got {type(loss).__name__}"
+        )
+    return loss
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        for item in batch:
+            t = _first_tensor(item)
+            if t is not None:
+                return t
+    return None
+
+
+def batch_size(batch: Any) -> int:
+    """Number of examples in ``batch``: the leading dimension of its first tensor.
+
+    Example:
+        >>> batch_size((torch.zeros(5, 3), torch.zeros(5)))
+        5
+    """
+    t = _first_tensor(batch)
+    if t is None or t.dim() == 0:
+        raise ValueError(
+            f"batch: cannot find a tensor with a leading example dimension in {type(batch).__name__}"
+        )
+    return int(t.shape[0])
+
+
+def _is_single_batch(data: Any) -> bool:
+    if isinstance(data, torch.Tensor):
+        return True
+    if isinstance(data, Mapping):
+        return any(isinstance(v, torch.Tensor) for v in data.values())
+    if isinstance(data, (tuple, list)):
+        return len(data) > 0 and all(isinstance(v, torch.Tensor) for v in data)
+    return False
+
+
+def iter_batches(data: Any) -> Iterator[Any]:
+    """Iterate over ``data``: one batch, or an iterable of batches.
+
+    A tensor, or a tuple/list/dict of tensors, is one batch; anything else
+    iterable (a ``DataLoader``, a list of ``(x, y)`` tuples) yields batches.
+    """
+    if _is_single_batch(data):
+        yield data
+        return
+    if not isinstance(data, Iterable):
+        raise TypeError(f"data: expected a batch or an iterable of batches, got {type(data).__name__}")
+    yield from data
+
+
+def move_batch(batch: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Any:
+    """Move every tensor of ``batch`` to ``device``; cast floating tensors to ``dtype``."""
+    if isinstance(batch, torch.Tensor):
+        if dtype is not None and batch.is_floating_point():
+            return batch.to(device=device, dtype=dtype)
+        return batch.to(device=device) if device is not None else batch
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_batch(v, device, dtype) for k, v in batch.items()})
+    if isinstance(batch, tuple):
+        return tuple(move_batch(v, device, dtype) for v in batch)
+    if isinstance(batch, list):
+        return [move_batch(v, device, dtype) for v in batch]
+    return batch
+
+
+def split_batch(batch: Any, parts: int) -> list[Any]:
+    """Split ``batch`` along the example dimension into ``parts`` disjoint pieces.
+
+    Sizes follow :func:`torch.tensor_split`: they differ by at most one, the first
+    ``n % parts`` pieces taking one extra example. Non-tensor leaves are shared.
+
+    Example:
+        >>> [batch_size(b) for b in split_batch((torch.zeros(10, 2), torch.zeros(10)), 4)]
+        [3, 3, 2, 2]
+    """
+    n = batch_size(batch)
+    if not isinstance(parts, int) or isinstance(parts, bool) or parts < 1:
+        raise ValueError(f"parts: expected a positive integer, got {parts!r}")
+    if parts > n:
+        raise ValueError(f"parts: cannot split a batch of {n} examples into {parts} non-empty pieces")
+
+    def split(x: Any) -> Sequence[Any]:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n:
+            return torch.tensor_split(x, parts)
+        if isinstance(x, Mapping):
+            pieces = {k: split(v) for k, v in x.items()}
+            return [type(x)({k: pieces[k][i] for k in x}) for i in range(parts)]
+        if isinstance(x, (tuple, list)):
+            pieces = [split(v) for v in x]
+            return [type(x)(p[i] for p in pieces) for i in range(parts)]
+        return [x] * parts
+
+    return list(split(batch))
