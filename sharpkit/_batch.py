@@ -133,11 +133,15 @@ def iter_batches(data: Any) -> Iterator[Any]:
         yield data
         return
     if not isinstance(data, Iterable):
-        raise TypeError(f"data: expected a batch or an iterable of batches, got {type(data).__name__}")
+        raise TypeError(
+            f"data: expected a batch or an iterable of batches, got {type(data).__name__}"
+        )
     yield from data
 
 
-def move_batch(batch: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Any:
+def move_batch(
+    batch: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Any:
     """Move every tensor of ``batch`` to ``device``; cast floating tensors to ``dtype``."""
     if isinstance(batch, torch.Tensor):
         if dtype is not None and batch.is_floating_point():
@@ -166,7 +170,9 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
     if not isinstance(parts, int) or isinstance(parts, bool) or parts < 1:
         raise ValueError(f"parts: expected a positive integer, got {parts!r}")
     if parts > n:
-        raise ValueError(f"parts: cannot split a batch of {n} examples into {parts} non-empty pieces")
+        raise ValueError(
+            f"parts: cannot split a batch of {n} examples into {parts} non-empty pieces"
+        )
 
     def split(x: Any) -> Sequence[Any]:
         if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n:

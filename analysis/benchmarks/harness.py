@@ -193,6 +193,11 @@ def write_table(
     for n in notes:
         lines += ["", n]
     path.write_text("\n".join(lines) + "\n")
-    payload = {"title": title, "machine": machine, "notes": list(notes), "rows": [asdict(r) for r in rows]}
+    payload = {
+        "title": title,
+        "machine": machine,
+        "notes": list(notes),
+        "rows": [asdict(r) for r in rows],
+    }
     path.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     return path

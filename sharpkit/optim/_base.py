@@ -74,9 +74,13 @@ class BufferSnapshot:
     @torch.no_grad()
     def save(self) -> None:
         bufs = self._buffers()
-        if self._copies is None or len(self._copies) != len(bufs) or any(
-            c.shape != b.shape or c.dtype != b.dtype or c.device != b.device
-            for c, b in zip(self._copies, bufs)
+        if (
+            self._copies is None
+            or len(self._copies) != len(bufs)
+            or any(
+                c.shape != b.shape or c.dtype != b.dtype or c.device != b.device
+                for c, b in zip(self._copies, bufs)
+            )
         ):
             self._copies = [b.detach().clone() for b in bufs]
         else:
@@ -280,9 +284,7 @@ class WrappedOptimizer(Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients"
-                    )
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 params.append(p)
             out.append((group, params))
         return out
