@@ -381,7 +381,10 @@ class SAMBase(WrappedOptimizer):
         self._backup: list[torch.Tensor] = []
         self._backup_params: list[torch.Tensor] = []
         super().__init__(params, base_optimizer, defaults, base_kwargs, model=model)
+        # buffers after the clean pass (restored after the perturbed pass) and
+        # before the step (restored if the step fails)
         self._buffers = BufferSnapshot(model) if model is not None else None
+        self._pre_step_buffers = BufferSnapshot(model) if model is not None else None
 
     # -- validation -------------------------------------------------------------
 
@@ -409,11 +412,29 @@ class SAMBase(WrappedOptimizer):
         """Return, per group, the unnormalised direction ``d`` and the norm to divide by.
 
         The perturbation is ``e = rho_group * d / norm``. The default is plain SAM:
-        ``d = g`` and ``norm = ||g||`` over all parameters together.
+        ``d = g`` and ``norm = ||g||`` over all parameters together. Subclasses that
+        need temporaries should write them into :meth:`_scratch` buffers (allocating
+        fresh parameter-sized tensors every step is slow on the CPU).
         """
         grads = [[p.grad for p in ps] for _, ps in groups]
         flat = [g for gs in grads for g in gs]
         return grads, global_norm(flat)
+
+    def _scratch(self, key: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Reusable uninitialised tensors shaped like ``like`` (kept between steps)."""
+        store = self.__dict__.setdefault("_scratch_store", {})
+        bufs = store.get(key)
+        if (
+            bufs is None
+            or len(bufs) != len(like)
+            or any(
+                b.shape != t.shape or b.dtype != t.dtype or b.device != t.device
+                for b, t in zip(bufs, like)
+            )
+        ):
+            bufs = [torch.empty_like(t) for t in like]
+            store[key] = bufs
+        return bufs
 
     @torch.no_grad()
     def _perturb(self) -> bool:
@@ -426,16 +447,19 @@ class SAMBase(WrappedOptimizer):
                 f"{type(self).__name__}: no parameter has a gradient; compute the loss "
                 "and call backward() before first_step()"
             )
-        directions, norm = self._ascent_direction(groups)
-        usable = bool(torch.isfinite(norm)) and bool(norm > 0)
         self._save(params)
+        directions, norm = self._ascent_direction(groups)
+        norm_value = float(norm)  # one host sync: decides e = 0 and scales e
+        usable = math.isfinite(norm_value) and norm_value > 0.0
         if usable:
             for (group, ps), d in zip(groups, directions):
-                if not ps or group["rho"] == 0.0:
-                    continue
-                scale = (group["rho"] / norm).to(ps[0].dtype)
-                torch._foreach_add_(ps, torch._foreach_mul(d, scale))
+                if ps and group["rho"] != 0.0:
+                    self._apply_ascent(ps, d, group["rho"] / norm_value)
         return usable
+
+    def _apply_ascent(self, params: list[torch.Tensor], direction: Any, alpha: float) -> None:
+        """``w += alpha * d`` for one group (``direction`` as :meth:`_ascent_direction` gave it)."""
+        torch._foreach_add_(params, direction, alpha=alpha)
 
     def _save(self, params: list[torch.Tensor]) -> None:
         same = len(self._backup_params) == len(params) and all(
@@ -520,6 +544,16 @@ class SAMBase(WrappedOptimizer):
         if not callable(closure):
             raise TypeError(f"closure: expected a callable, got {type(closure).__name__}")
         self._check_not_mid_step("step")
+        if self._pre_step_buffers is not None:
+            self._pre_step_buffers.save()
+        try:
+            return self._closure_step(closure)
+        except BaseException:
+            self._restore()
+            self._undo_step_buffers()
+            raise
+
+    def _closure_step(self, closure: Closure) -> Any:
         self.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss = closure()
@@ -528,20 +562,23 @@ class SAMBase(WrappedOptimizer):
         if not usable and not bool(torch.isfinite(global_norm(self._all_grads()))):
             # Non-finite gradient at w: the update would be garbage. Skip it.
             self._restore()
+            self._undo_step_buffers()
             warnings.warn(
                 f"{type(self).__name__}: non-finite gradient at w; the step was skipped "
                 "and the weights are unchanged",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             return loss
         self.zero_grad(set_to_none=True)
-        try:
-            with torch.enable_grad():
-                closure()
-        except BaseException:
-            self._restore()
-            raise
+        with torch.enable_grad():
+            closure()
         self._restore()
-        self._guarded_base_step()
+        if not self._guarded_base_step():
+            self._undo_step_buffers()
         return loss
+
+    def _undo_step_buffers(self) -> None:
+        """A skipped step leaves the buffers as they were before it."""
+        if self._pre_step_buffers is not None:
+            self._pre_step_buffers.restore()

@@ -103,22 +103,36 @@ class SAM(SAMBase):
 
     def _ascent_direction(
         self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]
-    ) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
-        directions: list[list[torch.Tensor]] = []
-        scaled: list[torch.Tensor] = []  # T_w * g, whose global norm normalises e
-        for group, ps in groups:
+    ) -> tuple[list[Any], torch.Tensor]:
+        # Adaptive groups return the pair (T_w, T_w g): e = alpha * T_w * (T_w g) is
+        # applied in one fused pass (_apply_ascent). Temporaries live in reusable
+        # scratch buffers: fresh parameter-sized tensors every step cost more than
+        # the arithmetic on the CPU.
+        directions: list[Any] = []
+        scaled: list[torch.Tensor] = []  # T_w g, whose global norm normalises e
+        for i, (group, ps) in enumerate(groups):
             grads = [p.grad for p in ps]
             if group["adaptive"] and ps:
-                t = torch._foreach_abs(ps)
-                if group["xi"]:
-                    torch._foreach_add_(t, group["xi"])
-                tg = torch._foreach_mul(t, grads)
+                t = self._scratch(f"t{i}", ps)
+                tg = self._scratch(f"tg{i}", ps)
+                for p, ti, gi, tgi in zip(ps, t, grads, tg):
+                    torch.abs(p, out=ti)
+                    if group["xi"]:
+                        ti.add_(group["xi"])
+                    torch.mul(ti, gi, out=tgi)
                 scaled.extend(tg)
-                directions.append(torch._foreach_mul(t, tg))  # T_w^2 g
+                directions.append((t, tg))
             else:
                 scaled.extend(grads)
                 directions.append(grads)
         return directions, global_norm(scaled)
+
+    def _apply_ascent(self, params: list[torch.Tensor], direction: Any, alpha: float) -> None:
+        if isinstance(direction, tuple):
+            t, tg = direction
+            torch._foreach_addcmul_(params, t, tg, value=alpha)
+        else:
+            torch._foreach_add_(params, direction, alpha=alpha)
 
 
 def _check_bool(name: str, value: Any) -> bool:
