@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import platform
+from typing import Any
+
 import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["describe_machine", "machine_info", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -31,3 +35,38 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} was asked for, but CUDA is not available here")
     return dev
+
+
+def machine_info(device: Any = None) -> dict[str, Any]:
+    """What a measurement ran on: CPU model, cores, threads, versions, device, GPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device or "cpu"),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def describe_machine(device: Any = None) -> str:
+    """One line for reports, e.g. ``'CPU Intel Xeon ... (2 cores), torch 2.13.0, device cpu'``."""
+    info = machine_info(device)
+    line = (
+        f"CPU {info['cpu']} ({info['cores']} cores), torch {info['torch']}, device {info['device']}"
+    )
+    if "gpu" in info and str(info["device"]).startswith("cuda"):
+        line += f" ({info['gpu']})"
+    return line

@@ -14,8 +14,6 @@ Used by every ``analysis/benchmarks/bench_*.py`` script:
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from sharpkit._device import machine_info
 
 __all__ = ["Case", "Row", "compare", "machine_info", "sync", "write_table"]
 
@@ -129,30 +129,6 @@ def compare(
             )
         )
     return rows
-
-
-def machine_info(device: Any = None) -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": str(device or "cpu"),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def write_table(

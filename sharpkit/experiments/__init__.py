@@ -1,1 +1,46 @@
-"""sharpkit.experiments (in progress)."""
+"""The papers' claims as seeded, typed experiments that can pass or fail.
+
+Each experiment module defines a config dataclass, ``run(config)`` for one seed
+and an :class:`~sharpkit.experiments.Experiment` named ``EXPERIMENT``;
+:func:`run_experiment` runs seeds, aggregates with confidence intervals and
+judges the claim. The registry :data:`EXPERIMENTS` maps CLI names to them.
+
+Example:
+    >>> from sharpkit.experiments import EXPERIMENTS, run_experiment
+    >>> report = run_experiment(EXPERIMENTS["two_cycle"], scale="test", seeds=1)
+    >>> report.verdict.holds
+    True
+"""
+
+from __future__ import annotations
+
+from ._core import (
+    SCALES,
+    Experiment,
+    ExperimentConfig,
+    ExperimentReport,
+    RunResult,
+    Stat,
+    Verdict,
+    claims_report,
+    run_experiment,
+    summarize,
+)
+from .two_cycle import EXPERIMENT as TWO_CYCLE
+
+#: name -> experiment, in the order of the claims report
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (TWO_CYCLE,)}
+
+__all__ = [
+    "EXPERIMENTS",
+    "SCALES",
+    "Experiment",
+    "ExperimentConfig",
+    "ExperimentReport",
+    "RunResult",
+    "Stat",
+    "Verdict",
+    "claims_report",
+    "run_experiment",
+    "summarize",
+]

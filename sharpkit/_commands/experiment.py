@@ -1,0 +1,160 @@
+"""``sharpkit experiment``: run the claim experiments.
+
+Usage::
+
+    sharpkit experiment list
+    sharpkit experiment NAME [--scale test|small|large] [--device cpu|cuda] [--seeds N]
+                             [--out DIR] [--force] [--set FIELD=VALUE ...]
+    sharpkit experiment all  [--scale ...] [--out DIR] ...    # every experiment + CLAIMS.md
+
+Results go to ``DIR/NAME/SCALE/seed*.json`` (written atomically; a rerun skips
+seeds already finished with the same config unless ``--force``), with
+``summary.json`` and figures (PNG, SVG) beside them. ``all`` also writes the
+claims report ``DIR/CLAIMS.md``.
+
+Exit codes: 0 the experiments ran (whatever their verdicts); 2 bad usage or a
+bad config (one line on stderr, before any compute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+__all__ = ["parse_overrides", "register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "experiment",
+        help="run the experiments that test the papers' claims",
+        description="Run one experiment, 'all' of them (with a claims report), or 'list' them.",
+    )
+    p.add_argument("name", help="experiment name, 'all', or 'list'")
+    p.add_argument("--scale", default="small", choices=("test", "small", "large"))
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: per scale)")
+    p.add_argument(
+        "--out", type=Path, default=Path("sharpkit-out/experiments"), help="output folder"
+    )
+    p.add_argument("--force", action="store_true", help="rerun seeds that already have results")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a config field (repeatable); tuples as comma lists",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _convert(value: str, hint: Any, default: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple or isinstance(default, tuple):
+        args = typing.get_args(hint)
+        elem = args[0] if args else (type(default[0]) if default else float)
+        return tuple(_convert(v.strip(), elem, None) for v in value.split(",") if v.strip())
+    kind = hint if isinstance(hint, type) else type(default)
+    if kind is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if kind in (int, float, str):
+        return kind(value)
+    return value
+
+
+def parse_overrides(config_cls: type, items: list[str]) -> dict[str, Any]:
+    """Parse ``FIELD=VALUE`` strings into typed config overrides."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    hints = typing.get_type_hints(config_cls)
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set: expected FIELD=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key not in fields:
+            raise ValueError(f"--set: unknown field {key!r}; fields: {sorted(fields)}")
+        if key in ("seed", "device"):
+            raise ValueError(f"--set: use --seeds/--device for {key!r}")
+        f = fields[key]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        try:
+            out[key] = _convert(value, hints.get(key), default)
+        except ValueError as err:
+            raise ValueError(f"--set {key}: {err}") from None
+    return out
+
+
+def _print_report(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report.title} ({report.scale}, seeds {report.seeds})")
+    table.add_column("quantity")
+    table.add_column("mean [95% CI]")
+    for k, s in report.stats.items():
+        table.add_row(k, s.fmt(4))
+    console = Console()
+    console.print(table)
+    console.print(f"[bold]verdict: {report.verdict.label}[/bold]. {report.verdict.statement}")
+    for f in report.figures:
+        console.print(f"figure: {f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sharpkit._device import resolve_device
+    from sharpkit.experiments import EXPERIMENTS, claims_report, run_experiment
+
+    if args.name == "list":
+        for name, exp in EXPERIMENTS.items():
+            print(f"{name:<18} {exp.title}")
+        return 0
+    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    try:
+        for name in names:
+            if name not in EXPERIMENTS:
+                raise ValueError(
+                    f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}, all, list"
+                )
+        device = str(resolve_device(args.device))
+        if args.seeds is not None and args.seeds < 1:
+            raise ValueError(f"--seeds: need at least 1, got {args.seeds}")
+        plans = []
+        for name in names:  # validate every config before any compute
+            exp = EXPERIMENTS[name]
+            overrides = parse_overrides(exp.config_cls, args.overrides) if args.overrides else {}
+            exp.config(args.scale, device=device, **overrides)
+            plans.append((exp, overrides))
+    except ValueError as err:
+        print(f"sharpkit experiment: {err}", file=sys.stderr)
+        return 2
+    reports = []
+    for exp, overrides in plans:
+        report = run_experiment(
+            exp,
+            scale=args.scale,
+            seeds=args.seeds,
+            out_dir=args.out,
+            force=args.force,
+            progress=not args.no_progress,
+            device=device,
+            **overrides,
+        )
+        _print_report(report)
+        reports.append(report)
+    if args.name == "all":
+        from sharpkit._device import describe_machine
+
+        path = claims_report(reports, args.out / "CLAIMS.md", machine=describe_machine(device))
+        print(f"claims report: {path}")
+    return 0

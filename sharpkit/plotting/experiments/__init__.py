@@ -1,0 +1,1 @@
+"""Figures of the claim experiments, one module per experiment (no computation here)."""
