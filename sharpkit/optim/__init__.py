@@ -7,6 +7,18 @@ tested for every optimizer in ``tests/optim/test_contract.py``.
 
 from ._base import BufferSnapshot, SAMBase, WrappedOptimizer, frozen_buffers
 from .asam import ASAM
+from .delta_sam import DeltaSAM
+from .msam import MSAM, VectorisationFallbackWarning
 from .sam import SAM
 
-__all__ = ["ASAM", "SAM", "BufferSnapshot", "SAMBase", "WrappedOptimizer", "frozen_buffers"]
+__all__ = [
+    "ASAM",
+    "MSAM",
+    "SAM",
+    "BufferSnapshot",
+    "DeltaSAM",
+    "SAMBase",
+    "VectorisationFallbackWarning",
+    "WrappedOptimizer",
+    "frozen_buffers",
+]

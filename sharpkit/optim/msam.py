@@ -1,0 +1,510 @@
+"""mSAM: micro-batch-averaged Sharpness-Aware Minimization (Behdin et al., 2023)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+from torch.optim import Optimizer
+
+from .._batch import as_batch_loss, batch_size, split_batch
+from ._base import SAMBase, check_nonneg_float, global_norm
+
+__all__ = ["MSAM", "VectorisationFallbackWarning"]
+
+_PATHS = {"auto": "auto", "vectorised": "vectorised", "vectorized": "vectorised"}
+_PATHS["sequential"] = "sequential"
+
+
+class VectorisationFallbackWarning(UserWarning):
+    """A vectorised (``torch.func.vmap``) code path could not be used; the
+    sequential one ran instead. Issued once per optimizer, with the reason."""
+
+
+class NotVectorisable(Exception):
+    """Internal: the model or the optimizer's parameters rule out ``vmap``."""
+
+
+# ----------------------------------------------------------------------------
+# Functional views of a module (shared with delta_sam.py)
+# ----------------------------------------------------------------------------
+
+
+def _train_mode_batchnorm(model: nn.Module) -> str | None:
+    """Name of the first BatchNorm that updates running statistics on a forward, if any."""
+    for name, mod in model.named_modules():
+        if (
+            isinstance(mod, nn.modules.batchnorm._BatchNorm)
+            and mod.training
+            and mod.track_running_stats
+            and mod.running_mean is not None
+        ):
+            return name or type(mod).__name__
+    return None
+
+
+class FunctionalView:
+    """The optimizer's trainable parameters as named tensors of ``model``.
+
+    ``trainable`` lists ``(name, parameter, group)`` for every parameter of the
+    optimizer that requires a gradient, in group order. ``caller(params)``
+    returns a callable that runs ``model`` with ``params`` in place of the
+    trainable tensors (``torch.func.functional_call``; every other parameter and
+    buffer is the module's own unless ``extra`` replaces it), so a loss function
+    that calls its model argument works unchanged under ``vmap``.
+
+    Raises:
+        NotVectorisable: if a trainable parameter is not one of ``model``'s.
+    """
+
+    def __init__(self, model: nn.Module, groups: list[dict[str, Any]]) -> None:
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        self.model = model
+        self.trainable: list[tuple[str, torch.Tensor, dict[str, Any]]] = []
+        seen: set[int] = set()
+        for group in groups:
+            for p in group["params"]:
+                if not p.requires_grad or id(p) in seen:
+                    continue
+                if id(p) not in name_of:
+                    raise NotVectorisable(
+                        "a parameter of the optimizer is not a parameter of `model` "
+                        f"(shape {tuple(p.shape)})"
+                    )
+                seen.add(id(p))
+                self.trainable.append((name_of[id(p)], p, group))
+        self.names = [n for n, _, _ in self.trainable]
+        self.params = [p for _, p, _ in self.trainable]
+
+    def caller(
+        self,
+        params: Mapping[str, torch.Tensor],
+        extra: Mapping[str, torch.Tensor] | None = None,
+    ) -> Callable[..., Any]:
+        tensors = {**params, **extra} if extra else dict(params)
+        model = self.model
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(model, tensors, args, kwargs)
+
+        return call
+
+
+def _batch_leaves(batch: Any, n: int) -> tuple[list[torch.Tensor], Callable[[list[Any]], Any]]:
+    """The tensors of ``batch`` with ``n`` leading examples, and a function that
+    rebuilds the batch from replacements for them (other leaves are kept)."""
+    leaves: list[torch.Tensor] = []
+
+    def walk(x: Any) -> Callable[[list[Any]], Any]:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n:
+            i = len(leaves)
+            leaves.append(x)
+            return lambda vals: vals[i]
+        if isinstance(x, Mapping):
+            parts = {k: walk(v) for k, v in x.items()}
+            return lambda vals: type(x)({k: f(vals) for k, f in parts.items()})
+        if isinstance(x, (tuple, list)):
+            parts_l = [walk(v) for v in x]
+            return lambda vals: type(x)(f(vals) for f in parts_l)
+        return lambda vals: x
+
+    rebuild = walk(batch)
+    return leaves, rebuild
+
+
+def _check_scalar_loss(loss: Any, where: str) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn: must return a tensor, got {type(loss).__name__} ({where})")
+    if loss.dim() != 0:
+        raise ValueError(
+            f"loss_fn: must return the mean loss of the micro-batch as a scalar tensor, "
+            f"got shape {tuple(loss.shape)} ({where})"
+        )
+    return loss
+
+
+def _check_micro_batches(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"micro_batches: expected a positive integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"micro_batches: must be >= 1, got {value}")
+    return value
+
+
+def _check_path(value: Any) -> str:
+    if value not in _PATHS:
+        raise ValueError(f"path: expected 'auto', 'vectorised' or 'sequential', got {value!r}")
+    return _PATHS[value]
+
+
+# ----------------------------------------------------------------------------
+# mSAM
+# ----------------------------------------------------------------------------
+
+
+class MSAM(SAMBase):
+    r"""Micro-batch-averaged SAM: one SAM perturbation per micro-batch, averaged.
+
+    The mini-batch :math:`B` of :math:`n` examples is split into ``m`` disjoint
+    micro-batches :math:`B_1, \dots, B_m` of sizes :math:`n_j`; each gets its own
+    perturbation and the update averages the perturbed gradients:
+
+    .. math::
+
+        g_j = \nabla L_{B_j}(w), \qquad e_j = \rho\, g_j / \|g_j\|, \qquad
+        G = \sum_j \frac{n_j}{n}\, \nabla L_{B_j}(w + e_j), \qquad
+        w \leftarrow \mathrm{base\_step}(w, G).
+
+    ``m = 1`` is SAM (the step is SAM's, bit for bit); data-parallel SAM with a
+    per-replica perturbation is mSAM with ``m`` = the number of replicas.
+
+    **Naming clash.** Foret et al.'s "m-sharpness" uses *m* for the micro-batch
+    *size*; here (as in Behdin et al.) ``micro_batches`` is the *number* of
+    micro-batches, so micro-batches hold about ``n / micro_batches`` examples.
+
+    **How the batch is handed over.** mSAM must split the batch, so it is driven
+    by ``opt.step(loss_fn, batch)`` rather than by a closure, following sharpkit's
+    batch-loss convention (``sharpkit._batch``): ``loss_fn(model, micro_batch)``
+    returns the *mean* loss of a micro-batch; a plain criterion such as
+    ``nn.CrossEntropyLoss()`` means ``(inputs, targets)`` batches. ``model`` is
+    given at construction. The micro-batches are :func:`torch.tensor_split`
+    pieces of every tensor whose leading dimension is the batch size (other
+    leaves are shared), as in :func:`sharpkit._batch.split_batch`.
+
+    **Batch not divisible by m.** The sizes differ by at most one (the first
+    ``n % m`` micro-batches take one extra example) and the average is weighted
+    by size, :math:`n_j / n`, so with ``rho = 0`` the update uses exactly the
+    full-batch gradient of a per-example loss. ``m`` larger than the batch
+    raises ``ValueError``.
+
+    **Two execution paths, one result** (equal to 1e-8 in float64, tested):
+
+    - *vectorised* (the default where it applies): the ``m`` micro-batches run as
+      one batched pass over ``m`` copies of the trainable parameters, twice
+      (clean, then perturbed), with :func:`torch.func.vmap` over
+      :func:`torch.func.functional_call` and one ordinary backward each; the
+      module's own weights never move. FLOPs equal SAM's. Frozen parameters are
+      shared, not copied; for LoRA-style models only the small adapters are
+      stacked. Dropout draws different masks per micro-batch.
+    - *sequential*: a loop over micro-batches, each a SAM step's two passes on the
+      module itself (``loss_fn(model, micro_batch)``), accumulating the
+      size-weighted perturbed gradient. Works for any model.
+
+    ``path='auto'`` uses the vectorised path unless it cannot apply: a
+    BatchNorm updating running statistics in training mode (vmap cannot update
+    them in place), an optimizer parameter that is not the model's, ``m = 1``,
+    or ``vmap`` failing on the model (data-dependent control flow, ``.item()``,
+    in-place updates of buffers). It then runs the sequential path and warns
+    once (:class:`VectorisationFallbackWarning`) saying why. ``path='vectorised'``
+    or ``'sequential'`` forces a path (a forced vectorised step raises instead of
+    falling back).
+
+    **Buffers.** BatchNorm running statistics come from the clean passes only:
+    the ``m`` clean micro-batch forwards at ``w`` update them, in order; the
+    perturbed forwards do not (their buffers are restored). Hence the
+    sequential path for BatchNorm models in training mode.
+
+    **Cost.** Same FLOPs as SAM. The vectorised path materialises ``m``
+    gradients of the trainable parameters and ``m`` perturbed copies of them,
+    and its matrix products have inner dimension ``n / m`` for the weight
+    gradients; for full-width layers on a CPU that memory traffic makes it
+    slower than SAM, for adapters (LoRA) it is close to SAM (see
+    analysis/benchmarks/results/msam_deltasam.md). Mixed precision via
+    ``GradScaler`` and the manual ``first_step``/``second_step`` form are not
+    supported (use :class:`~sharpkit.optim.SAM` for those).
+
+    A zero or non-finite micro-batch gradient gives that micro-batch ``e_j = 0``;
+    a non-finite gradient at ``w`` skips the whole step (weights and buffers
+    unchanged, ``RuntimeWarning``).
+
+    Args:
+        params: parameters or parameter-group dicts (groups may set ``rho``).
+        base_optimizer: optimizer class applied with ``G``, e.g. ``torch.optim.SGD``.
+        rho: perturbation radius (>= 0), per micro-batch.
+        micro_batches: the number ``m`` of micro-batches (>= 1).
+        model: the module ``loss_fn`` evaluates (required).
+        path: ``'auto'``, ``'vectorised'`` (alias ``'vectorized'``) or ``'sequential'``.
+        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
+
+    Example:
+        >>> import torch
+        >>> from sharpkit.optim.msam import MSAM
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
+        >>> opt = MSAM(model.parameters(), torch.optim.SGD, rho=0.05, micro_batches=4,
+        ...            model=model, lr=0.1)
+        >>> loss_fn = torch.nn.MSELoss()           # means (inputs, targets) batches
+        >>> first = opt.step(loss_fn, (x, y)).item()
+        >>> later = [opt.step(loss_fn, (x, y)).item() for _ in range(20)][-1]
+        >>> later < first, opt.last_path
+        (True, 'vectorised')
+
+    References:
+        Behdin, Song, Gupta, Keerthi, Acharya, Ocejo, Dexter, Khanna, Durfee,
+        Mazumder. mSAM: Micro-Batch-Averaged Sharpness-Aware Minimization.
+        arXiv:2302.09693. Foret, Kleiner, Mobahi, Neyshabur. Sharpness-Aware
+        Minimization for Efficiently Improving Generalization. ICLR 2021.
+    """
+
+    _OWN_KEYS = ("rho",)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: Callable[..., Optimizer],
+        rho: float = 0.05,
+        micro_batches: int = 4,
+        *,
+        model: nn.Module,
+        path: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        if model is None:
+            raise TypeError(
+                "model: MSAM needs the module, as model=..., because it evaluates "
+                "loss_fn(model, micro_batch) itself"
+            )
+        self.micro_batches = _check_micro_batches(micro_batches)
+        self.path = _check_path(path)
+        defaults = {"rho": check_nonneg_float("rho", rho)}
+        super().__init__(params, base_optimizer, defaults, base_kwargs, model=model)
+        #: why the vectorised path is not used (after an automatic fallback), or None
+        self.fallback_reason: str | None = None
+        #: the path the last step took: 'vectorised' or 'sequential'
+        self.last_path: str | None = None
+
+    # -- the manual two-phase form does not exist for mSAM -----------------------
+
+    def first_step(self, zero_grad: bool = False) -> None:
+        raise TypeError(
+            "MSAM has no first_step()/second_step(): it needs the batch to split it; "
+            "call step(loss_fn, batch)"
+        )
+
+    def second_step(self, zero_grad: bool = False) -> None:
+        self.first_step()
+
+    # -- public step ---------------------------------------------------------------
+
+    def step(self, loss_fn: Any = None, batch: Any = None) -> torch.Tensor:  # type: ignore[override]
+        """One mSAM update; returns the loss at ``w`` (size-weighted mean over micro-batches).
+
+        Args:
+            loss_fn: ``loss_fn(model, micro_batch)`` returning the mean loss of a
+                micro-batch (or an ``nn`` loss module for ``(inputs, targets)`` batches).
+            batch: the mini-batch to split into ``micro_batches`` pieces.
+
+        Returns:
+            :math:`\\sum_j (n_j/n) L_{B_j}(w)` as a detached 0-d tensor.
+        """
+        if loss_fn is None or batch is None:
+            raise TypeError(
+                "MSAM.step(loss_fn, batch): loss_fn (loss_fn(model, micro_batch) -> mean "
+                "loss) and batch are required; a closure cannot be split into micro-batches"
+            )
+        loss_fn = as_batch_loss(loss_fn)
+        n = batch_size(batch)
+        m = self.micro_batches
+        if m > n:
+            raise ValueError(
+                f"micro_batches: {m} micro-batches cannot be cut from a batch of {n} examples"
+            )
+        self._check_not_mid_step("step")
+        if self._pre_step_buffers is not None:
+            self._pre_step_buffers.save()
+        try:
+            return self._step(loss_fn, batch, n, m)
+        except BaseException:
+            self._restore()
+            self._undo_step_buffers()
+            raise
+
+    # -- path selection ------------------------------------------------------------------
+
+    def _vectorise_blocker(self, m: int) -> str | None:
+        if self.path == "sequential":
+            return "path='sequential'"
+        if m == 1:
+            return "micro_batches=1 is SAM"
+        bn = _train_mode_batchnorm(self.model)
+        if bn is not None:
+            return (
+                f"BatchNorm '{bn}' updates its running statistics in training mode, which "
+                "torch.func.vmap cannot do in place"
+            )
+        return None
+
+    def _step(self, loss_fn: Callable[..., Any], batch: Any, n: int, m: int) -> torch.Tensor:
+        blocker = self._vectorise_blocker(m)
+        if blocker is not None and self.path == "vectorised" and m > 1:
+            raise ValueError(f"path: the vectorised path cannot run: {blocker}")
+        if blocker is None and self.fallback_reason is None:
+            try:
+                total, params = self._vectorised(loss_fn, batch, n, m)
+            except (NotVectorisable, RuntimeError, NotImplementedError) as err:
+                if self.path == "vectorised":
+                    raise
+                self.zero_grad(set_to_none=True)
+                result = self._sequential(loss_fn, batch, n, m)
+                # the sequential path ran, so the failure was vmap's, not the model's
+                self.fallback_reason = f"{type(err).__name__}: {err}".strip()
+                self._warn_fallback(
+                    "torch.func.vmap could not run this model, so the sequential path is "
+                    f"used from now on. Reason: {self.fallback_reason}"
+                )
+                return result
+            self.last_path = "vectorised"
+            if params is not None:  # None: skipped (non-finite gradient at w)
+                self._functional_base_step(params)
+            return total
+        if blocker is not None and self.path == "auto" and m > 1:
+            self._warn_fallback(f"using the sequential path: {blocker}")
+        return self._sequential(loss_fn, batch, n, m)
+
+    def _warn_fallback(self, message: str) -> None:
+        if not getattr(self, "_fallback_warned", False):
+            self._fallback_warned = True
+            warnings.warn(f"MSAM: {message}", VectorisationFallbackWarning, stacklevel=5)
+
+    def _functional_base_step(self, params: list[torch.Tensor]) -> None:
+        """Base step for a path that never moved the weights: restore ``w`` if it raises."""
+        backup = self._scratch("functional_backup", params)
+        with torch.no_grad():
+            torch._foreach_copy_(backup, params)
+        try:
+            taken = self._base_step()
+        except BaseException:
+            with torch.no_grad():
+                torch._foreach_copy_(params, backup)
+            raise
+        if not taken:
+            self._undo_step_buffers()
+
+    # -- sequential path -----------------------------------------------------------------
+
+    def _sequential(self, loss_fn: Callable[..., Any], batch: Any, n: int, m: int) -> torch.Tensor:
+        self.last_path = "sequential"
+        pieces = split_batch(batch, m) if m > 1 else [batch]
+        acc: dict[torch.Tensor, torch.Tensor] = {}
+        total: torch.Tensor | None = None
+        for piece in pieces:
+            weight = batch_size(piece) / n
+            self.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss = _check_scalar_loss(loss_fn(self.model, piece), "at w")
+                loss.backward()
+            self._require_grads("calling loss_fn at w")
+            usable = self._perturb()
+            if not usable and not bool(torch.isfinite(global_norm(self._all_grads()))):
+                return self._skip(loss)
+            self.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                _check_scalar_loss(loss_fn(self.model, piece), "at w + e").backward()
+            self._restore()
+            with torch.no_grad():
+                for _, ps in self._params_with_grad():
+                    for p in ps:
+                        if p in acc:
+                            acc[p].add_(p.grad, alpha=weight)
+                        else:
+                            acc[p] = p.grad.mul_(weight)
+                wl = loss.detach() * weight
+                total = wl if total is None else total + wl
+            self.zero_grad(set_to_none=True)
+        for p, g in acc.items():
+            p.grad = g
+        if not self._guarded_base_step():
+            self._undo_step_buffers()
+        assert total is not None
+        return total
+
+    def _skip(self, loss: torch.Tensor) -> torch.Tensor:
+        """A non-finite gradient at ``w``: restore everything and skip the step."""
+        self._restore()
+        self._undo_step_buffers()
+        self.zero_grad(set_to_none=True)
+        warnings.warn(
+            f"{type(self).__name__}: non-finite gradient at w; the step was skipped and "
+            "the weights are unchanged",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return loss.detach()
+
+    # -- vectorised path -------------------------------------------------------------------
+
+    def _vectorised(
+        self, loss_fn: Callable[..., Any], batch: Any, n: int, m: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Set ``.grad`` to ``G`` by two batched passes; return the loss at ``w`` and the
+        parameters to step (``None`` when the step is skipped)."""
+        view = FunctionalView(self.model, self.param_groups)
+        if not view.trainable:
+            raise RuntimeError("MSAM: no parameter of the optimizer requires a gradient")
+        leaves, rebuild = _batch_leaves(batch, n)
+
+        def per_slice(tp: dict[str, torch.Tensor], piece: list[torch.Tensor]) -> torch.Tensor:
+            return _check_scalar_loss(loss_fn(view.caller(tp), rebuild(piece)), "vectorised")
+
+        batched = vmap(per_slice, in_dims=(0, 0), randomness="different")
+        q, r = divmod(n, m)
+        classes = [(q + 1, r, 0), (q, m - r, r * (q + 1))] if r else [(q, m, 0)]
+        acc: list[torch.Tensor | None] = [None] * len(view.params)
+        total: torch.Tensor | None = None
+        for size, count, start in classes:
+            if count == 0:
+                continue
+            piece = [
+                t.narrow(0, start, size * count).reshape(count, size, *t.shape[1:]) for t in leaves
+            ]
+            # clean pass: per-micro-batch gradients g_j at w (one batched forward/backward)
+            stacked = [
+                p.detach().unsqueeze(0).expand(count, *p.shape).requires_grad_()
+                for p in view.params
+            ]
+            with torch.enable_grad():
+                losses = batched(dict(zip(view.names, stacked)), piece)
+                grads = torch.autograd.grad(losses.sum(), stacked, allow_unused=True)
+            sq = [
+                torch.linalg.vector_norm(g.reshape(count, -1), dim=1)
+                for g in grads
+                if g is not None
+            ]
+            if not sq:
+                raise RuntimeError("MSAM: no parameter has a gradient after calling loss_fn at w")
+            norms = torch.linalg.vector_norm(torch.stack(sq), dim=0)  # (count,) ||g_j||
+            if not bool(torch.isfinite(norms).all()):
+                return self._skip(losses.detach().mean()), None
+            inv = torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
+            # perturbed pass at w + e_j, e_j = rho g_j / ||g_j||
+            perturbed = []
+            for (_, p, group), s, g in zip(view.trainable, stacked, grads):
+                if g is None or group["rho"] == 0.0:
+                    perturbed.append(s.detach().requires_grad_())
+                    continue
+                scale = (inv * group["rho"]).to(g.dtype).view(count, *([1] * p.dim()))
+                perturbed.append(torch.addcmul(s.detach(), scale, g).requires_grad_())
+            weights = torch.full((count,), size / n, dtype=losses.dtype, device=losses.device)
+            with torch.enable_grad():
+                plosses = batched(dict(zip(view.names, perturbed)), piece)
+                pgrads = torch.autograd.grad(
+                    (plosses * weights).sum(), perturbed, allow_unused=True
+                )
+            for k, g in enumerate(pgrads):
+                if g is None:
+                    continue
+                g = g.sum(0)
+                acc[k] = g if acc[k] is None else acc[k].add_(g)
+            part = (losses.detach() * weights).sum()
+            total = part if total is None else total + part
+        self.zero_grad(set_to_none=True)
+        for p, g in zip(view.params, acc):
+            if g is not None:
+                p.grad = g
+        assert total is not None
+        return total, view.params
