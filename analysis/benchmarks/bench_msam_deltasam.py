@@ -1,0 +1,256 @@
+"""mSAM and delta-SAM: step time against SAM, and delta-SAM's approximation quality.
+
+Two parts, one results file (analysis/benchmarks/results/msam_deltasam.md and .json):
+
+1. **Step time** (interleaved with SAM in the same run, see harness.py) on the
+   benchmark models of analysis/benchmarks/models.py (an MLP and a transformer
+   block, both with LoRA adapters; only the adapters train):
+   SAM (baseline); mSAM with m = 4, 8 on the vectorised and the sequential
+   path; delta-SAM in ``forward-only`` mode (K = 1, 2, 4 probes), ``probe``
+   mode (K = 4) and ``exact`` mode.
+   Targets: vectorised mSAM <= 1.15x SAM, delta-SAM with probes <= 1.3x SAM.
+2. **Approximation quality** of delta-SAM's perturbation: the mean of
+   ``cos(G - g, G_PI - g)`` (``G`` the method's perturbed gradient, ``G_PI`` the
+   exact per-instance target, ``g`` the clean gradient) for SAM, the default
+   weighting at several temperatures with exact statistics, inverse-norm
+   weights, and the probe modes, on a 20-32-3 tanh MLP (float64, n = 64,
+   rho = 0.05) at initialisation and after 300 full-batch gradient steps, at
+   label noise 0 / 20 / 50 %, 3 seeds x 6 batches each. Data: three Gaussian
+   clusters in 20 dimensions (centres N(0, 0.3^2 I), unit noise), 512 examples.
+
+Run: ``python -m analysis.benchmarks.bench_msam_deltasam [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sharpkit.optim import SAM
+from sharpkit.optim.delta_sam import (
+    DeltaSAM,
+    InverseNormWeights,
+    UniformWeights,
+    per_example_gradients,
+    per_instance_target,
+    perturbation_cosine,
+)
+from sharpkit.optim.msam import MSAM
+
+from .harness import Case, compare, machine_info, write_table
+
+RESULTS = Path(__file__).parent / "results"
+
+# ----------------------------------------------------------------------------
+# Part 2: approximation quality (runs first in main(); needs no benchmark model)
+# ----------------------------------------------------------------------------
+
+D_IN, HIDDEN, CLASSES = 20, 32, 3
+N_TRAIN, N_BATCH, RHO = 512, 64, 0.05
+NOISES = (0.0, 0.2, 0.5)
+STATES = {"init": 0, "trained": 300}
+
+
+def cluster_data(seed: int, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three Gaussian clusters; a fraction ``noise`` of labels redrawn uniformly."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 0.3 * torch.randn(CLASSES, D_IN, generator=g, dtype=torch.float64)
+    y = torch.randint(0, CLASSES, (N_TRAIN,), generator=g)
+    x = centres[y] + torch.randn(N_TRAIN, D_IN, generator=g, dtype=torch.float64)
+    flip = torch.rand(N_TRAIN, generator=g) < noise
+    y = torch.where(flip, torch.randint(0, CLASSES, (N_TRAIN,), generator=g), y)
+    return x, y
+
+
+def small_mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES)).double()
+
+
+def per_example_ce(model: Callable[..., Any], batch: Any) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def quality_methods() -> dict[str, dict[str, Any]]:
+    m: dict[str, dict[str, Any]] = {"SAM": {"mode": "exact", "weighting": UniformWeights()}}
+    for tau in (0.3, 0.5, 1.0, 2.0):
+        m[f"exact, tau={tau:g}"] = {"mode": "exact", "tau": tau}
+    m["exact, inverse-norm weights"] = {"mode": "exact", "weighting": InverseNormWeights()}
+    for k in (2, 4, 8):
+        m[f"probe K={k}, tau=1"] = {"mode": "probe", "probes": k, "tau": 1.0}
+    for k in (1, 2, 4):
+        m[f"forward-only K={k}, tau=1"] = {"mode": "forward-only", "probes": k, "tau": 1.0}
+    m["forward-only K=2, tau=4"] = {"mode": "forward-only", "probes": 2, "tau": 4.0}
+    return m
+
+
+def quality(seeds: int, batches: int) -> dict[str, dict[str, list[float]]]:
+    """``{method: {"state noise": [mean cosine per seed]}}``."""
+    methods = quality_methods()
+    out: dict[str, dict[str, list[float]]] = {name: {} for name in methods}
+    for state, steps in STATES.items():
+        for noise in NOISES:
+            key = f"{state} {noise:.0%}"
+            for seed in range(seeds):
+                x, y = cluster_data(seed, noise)
+                model = small_mlp(seed)
+                gd = torch.optim.SGD(model.parameters(), lr=0.2)
+                for _ in range(steps):
+                    gd.zero_grad()
+                    per_example_ce(model, (x, y)).mean().backward()
+                    gd.step()
+                gen = torch.Generator().manual_seed(1000 + seed)
+                per_seed: dict[str, list[float]] = {name: [] for name in methods}
+                for b in range(batches):
+                    idx = torch.randperm(N_TRAIN, generator=gen)[:N_BATCH]
+                    batch = (x[idx], y[idx])
+                    _, grads = per_example_gradients(model, per_example_ce, batch)
+                    g = [t.mean(0) for t in grads]
+                    g_pi = per_instance_target(model, per_example_ce, batch, RHO)
+                    for name, kw in methods.items():
+                        # lr = 0: the step leaves the weights alone and G in .grad
+                        opt = DeltaSAM(model.parameters(), torch.optim.SGD, rho=RHO, model=model,
+                                       lr=0.0, seed=100 * b + seed, **kw)  # fmt: skip
+                        opt.step(per_example_ce, batch)
+                        G = [p.grad for p in model.parameters()]
+                        per_seed[name].append(perturbation_cosine(G, g_pi, g))
+                for name in methods:
+                    out[name].setdefault(key, []).append(statistics.mean(per_seed[name]))
+    return out
+
+
+def quality_table(res: dict[str, dict[str, list[float]]], seeds: int, batches: int) -> str:
+    keys = [f"{s} {nz:.0%}" for s in STATES for nz in NOISES]
+    lines = [
+        "### delta-SAM approximation quality: mean cos(G - g, G_PI - g)",
+        "",
+        f"20-32-3 tanh MLP, float64, n = {N_BATCH}, rho = {RHO}; Gaussian clusters; "
+        f"'init' = at initialisation, 'trained' = after {STATES['trained']} full-batch "
+        f"GD steps (lr 0.2); label noise 0/20/50 %; mean over {seeds} seeds x {batches} "
+        "batches (± standard deviation of the per-seed means). Higher is better; SAM is "
+        "the reference.",
+        "",
+        "| method | " + " | ".join(keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
+    for name, per_key in res.items():
+        cells = []
+        for k in keys:
+            v = per_key[k]
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            cells.append(f"{statistics.mean(v):.3f} ± {sd:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------
+# Part 1: step time
+# ----------------------------------------------------------------------------
+
+
+def flat_ce(model: Callable[..., Any], batch: Any) -> torch.Tensor:
+    """Per-example cross-entropy of an ``(inputs, targets)`` batch."""
+    return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def timing_cases(
+    name: str, factory: Callable[[], nn.Module], batch: Any, per_example: Callable[..., Any]
+) -> list[Case]:
+    kw = {"lr": 0.01, "momentum": 0.9}
+
+    def trainable(m: nn.Module) -> list[torch.Tensor]:
+        return [p for p in m.parameters() if p.requires_grad]
+
+    cases = []
+    m = factory()
+    sam = SAM(trainable(m), torch.optim.SGD, rho=0.05, model=m, **kw)
+
+    def closure(m: nn.Module = m) -> torch.Tensor:
+        loss = per_example(m, batch).mean()
+        loss.backward()
+        return loss
+
+    cases.append(Case("SAM", lambda: sam.step(closure), group=name))
+
+    def mean_loss(model: Any, b: Any) -> torch.Tensor:
+        return per_example(model, b).mean()
+
+    for mb in (4, 8):
+        for path in ("vectorised", "sequential"):
+            m = factory()
+            opt = MSAM(trainable(m), torch.optim.SGD, rho=0.05, micro_batches=mb, model=m,
+                       path=path, **kw)  # fmt: skip
+            cases.append(
+                Case(f"mSAM m={mb} {path}", lambda o=opt: o.step(mean_loss, batch), group=name)
+            )
+    for mode, probes in (("forward-only", 1), ("forward-only", 2), ("forward-only", 4),
+                         ("probe", 4), ("exact", 1)):  # fmt: skip
+        m = factory()
+        opt = DeltaSAM(trainable(m), torch.optim.SGD, rho=0.05, model=m, mode=mode,
+                       probes=probes, **kw)  # fmt: skip
+        label = f"delta-SAM {mode}" + ("" if mode == "exact" else f" K={probes}")
+        cases.append(Case(label, lambda o=opt: o.step(per_example, batch), group=name))
+    return cases
+
+
+def benchmark_models() -> list[tuple[str, Callable[[], nn.Module], Any, Callable[..., Any]]]:
+    """(label, model factory, batch, per-example loss) for the two LoRA benchmark models."""
+    from . import models
+
+    return [
+        ("LoRA MLP 784-512-512-10, batch 128", models.lora_mlp, models.mlp_batch(128), flat_ce),
+        (
+            "LoRA transformer block d=256, seq 64, batch 32",
+            models.lora_transformer_block,
+            models.sequence_batch(32),
+            flat_ce,
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few rounds and seeds (a smoke test)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "msam_deltasam.md")
+    ap.add_argument("--skip-timing", action="store_true")
+    args = ap.parse_args(argv)
+    seeds, batches = (1, 2) if args.quick else (3, 6)
+    qual = quality(seeds, batches)
+    qtable = quality_table(qual, seeds, batches)
+    print(qtable)
+    if args.skip_timing:
+        return
+    rounds, calls = (3, 2) if args.quick else (15, 4)
+    rows = []
+    for name, factory, batch, per_example in benchmark_models():
+        rows += compare(timing_cases(name, factory, batch, per_example), "SAM", rounds=rounds,
+                        calls=calls)  # fmt: skip
+    write_table(
+        rows,
+        args.out,
+        title="mSAM and delta-SAM step time (CPU), ratio to SAM",
+        machine=machine_info(),
+        notes=[
+            "Targets: vectorised mSAM (m = 4, 8) <= 1.15x SAM; delta-SAM with probes "
+            "<= 1.3x SAM. All optimizers: SGD with momentum as base, rho = 0.05, only "
+            "the LoRA adapters train.",
+        ],
+    )
+    with args.out.open("a") as fh:
+        fh.write("\n" + qtable)
+    blob = json.loads(args.out.with_suffix(".json").read_text())
+    blob["quality"] = {"seeds": seeds, "batches": batches, "cosines": qual}
+    args.out.with_suffix(".json").write_text(json.dumps(blob, indent=2) + "\n")
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
