@@ -1,0 +1,101 @@
+"""Stochastic Lanczos quadrature: normalisation, exact moments, exact nodes, the plot helper."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib
+import pytest
+import torch
+
+from sharpkit.curvature import HessianOperator, spectral_density
+from sharpkit.plotting.curvature import plot_spectral_density
+from sharpkit.testing import dense_hessian, oracle_cases
+
+matplotlib.use("Agg")
+F64 = torch.float64
+
+
+def _matrix(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=F64))
+    a = q @ torch.diag(eigs.to(F64)) @ q.T
+    return (a + a.T) / 2
+
+
+def _run_moments(d, p: int) -> torch.Tensor:
+    return (d.weights * torch.nan_to_num(d.nodes) ** p).sum(dim=1)
+
+
+def test_integrates_to_one_and_weights_normalised() -> None:
+    A = _matrix(
+        torch.cat([torch.linspace(-1, 1, 90, dtype=F64), torch.tensor([8.0, 12.0], dtype=F64)])
+    )
+    d = spectral_density(A, runs=5, steps=30, num_points=2000, seed=0)
+    assert float(torch.trapezoid(d.density, d.grid)) == pytest.approx(1.0, abs=1e-4)
+    torch.testing.assert_close(d.weights.sum(dim=1), torch.ones(5, dtype=F64))
+    assert d.num_matvecs == 5 * 30 and d.nodes.shape == (5, 30)
+
+
+def test_moments_exact_on_diagonal() -> None:
+    # Rademacher v: v^T D^p v / n = tr(D^p) / n exactly; Gauss quadrature with m >= 2
+    # nodes reproduces moments 1..3 exactly.
+    diag = torch.linspace(-2.0, 6.0, 50, dtype=F64)
+    d = spectral_density(torch.diag(diag), runs=3, steps=10, seed=1)
+    for p in (1, 2, 3):
+        torch.testing.assert_close(
+            _run_moments(d, p), torch.full((3,), float((diag**p).mean()), dtype=F64)
+        )
+
+
+def test_moments_match_trace_statistically() -> None:
+    case = oracle_cases(("mlp_tanh",))["mlp_tanh"]
+    H = dense_hessian(case.model, case.loss_fn, case.data)
+    op = HessianOperator(case.model, case.loss_fn, case.data, dtype=F64)
+    n = op.dim
+    d = spectral_density(op, runs=40, steps=8, seed=2)
+    for p, ref in ((1, torch.trace(H) / n), (2, (H**2).sum() / n)):
+        m = _run_moments(d, p)
+        se = float(m.std()) / math.sqrt(len(m))
+        assert abs(float(m.mean()) - float(ref)) < 4 * se, p
+    assert d.protocol.examples == 12 and d.protocol.estimator == "slq"
+
+
+def test_full_steps_recover_the_spectrum() -> None:
+    eigs = torch.tensor([-1.0, 0.5, 2.0, 3.0, 7.0], dtype=F64)
+    A = _matrix(eigs, 3)
+    d = spectral_density(A, runs=2, steps=5, seed=0)
+    for r in range(2):
+        torch.testing.assert_close(d.nodes[r].sort().values, eigs, atol=1e-10, rtol=0)
+
+
+def test_reproducible_and_json() -> None:
+    A = _matrix(torch.linspace(0, 3, 20, dtype=F64))
+    a = spectral_density(A, runs=2, steps=6, num_points=50, seed=4)
+    b = spectral_density(A, runs=2, steps=6, num_points=50, seed=4)
+    assert torch.equal(a.density, b.density)
+    json.dumps(a.to_dict())
+
+
+def test_plot_helper() -> None:
+    d = spectral_density(torch.diag(torch.linspace(0, 3, 20, dtype=F64)), runs=2, steps=6, seed=0)
+    ax = plot_spectral_density(d, label="diag")
+    assert ax.get_yscale() == "log" and len(ax.lines) == 1
+    ax2 = plot_spectral_density(d, log=False)
+    assert ax2.get_yscale() == "linear"
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_bad_input() -> None:
+    A = torch.eye(3, dtype=F64)
+    for kwargs, name in (
+        ({"runs": 0}, "runs"),
+        ({"steps": 0}, "steps"),
+        ({"num_points": 1}, "num_points"),
+        ({"sigma": -1.0}, "sigma"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            spectral_density(A, **kwargs)
