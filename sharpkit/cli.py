@@ -16,7 +16,7 @@ from sharpkit import __version__
 __all__ = ["main"]
 
 #: sub-command modules under sharpkit._commands, in help order
-_COMMANDS = ("info", "experiment")
+_COMMANDS = ("info", "experiment", "measure")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,281 @@
+"""The shared machinery of the sharpness metrics: a private copy of the model whose
+trainable parameters are moved to ``w + d``, batch losses, gradients and cost counts.
+
+The caller's model is never modified (not its weights, not its train/eval modes):
+everything runs on a deep copy in the requested dtype and device.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch, split_batch
+from sharpkit._device import resolve_device
+from sharpkit.io.results import MeasurementProtocol
+
+__all__ = [
+    "Cost",
+    "MetricResult",
+    "Objective",
+    "make_generator",
+    "supervised_accuracy",
+    "weighted_mean_stderr",
+]
+
+_MODES = ("eval", "train")
+
+
+@dataclasses.dataclass
+class Cost:
+    """What a metric cost, counted per batch evaluation.
+
+    Attributes:
+        forward: loss evaluations without a gradient (one per batch).
+        gradient: loss + gradient evaluations (one forward and one backward per batch).
+        hvp: Hessian-vector products (one per batch).
+        jvp: forward-mode directional derivatives (one per batch).
+    """
+
+    forward: int = 0
+    gradient: int = 0
+    hvp: int = 0
+    jvp: int = 0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(
+            self.forward + other.forward,
+            self.gradient + other.gradient,
+            self.hvp + other.hvp,
+            self.jvp + other.jvp,
+        )
+
+
+@dataclasses.dataclass
+class MetricResult:
+    """One sharpness number with its error bar, its cost and its protocol.
+
+    Attributes:
+        name: metric name (e.g. ``"worst_case"``).
+        value: the estimate.
+        stderr: standard error of ``value`` over batches/samples (``None`` when the
+            metric is deterministic given its inputs).
+        details: metric-specific numbers (base loss, perturbation norm, sigma, ...).
+        cost: batch evaluations used (:class:`Cost`).
+        protocol: how it was measured.
+    """
+
+    name: str
+    value: float
+    stderr: float | None
+    details: dict[str, Any]
+    cost: Cost
+    protocol: MeasurementProtocol
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (see :func:`sharpkit.io.to_jsonable`)."""
+        return dataclasses.asdict(self)
+
+
+def supervised_accuracy(model: Callable[..., Any], batch: Any) -> torch.Tensor:
+    """Fraction of ``(inputs, targets)`` examples whose arg-max output is the target."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(
+            "accuracy_fn: the default accuracy expects (inputs, targets) batches; "
+            "pass accuracy_fn(model, batch) for other layouts"
+        )
+    inputs, targets = batch
+    out = model(inputs)
+    return (out.argmax(dim=-1) == targets).to(out.dtype).mean()
+
+
+def _check_positive(name: str, value: Any, *, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+        what = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    if not integer and not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+
+
+class Objective:
+    """Batch losses of a private model copy at ``w + d``.
+
+    Args:
+        model: the network; copied, never modified.
+        loss_fn: ``loss_fn(model, batch)`` or an nn loss module (``(inputs, targets)``
+            batches), see :mod:`sharpkit._batch`.
+        data: one batch or an iterable of batches (materialised once).
+        params: ``None`` (all trainable parameters), a list of names or a predicate.
+        mode: ``"eval"`` (default) or ``"train"`` module mode for every evaluation.
+        dtype: compute dtype (``None`` keeps the model's).
+        device: compute device (``None`` keeps the model's).
+        m: re-split the data into batches of at most ``m`` examples (m-sharpness);
+            ``None`` keeps the batches as given.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        data: Any,
+        *,
+        params: Sequence[str] | Callable[[str], bool] | None = None,
+        mode: str = "eval",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        m: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if mode not in _MODES:
+            raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        if m is not None:
+            _check_positive("m", m, integer=True)
+        first = next(iter(model.parameters()), None)
+        if first is None:
+            raise ValueError("model: has no parameters")
+        self.device = resolve_device(device) if device is not None else first.device
+        self.dtype = dtype if dtype is not None else first.dtype
+        self.mode = mode
+        self.loss_fn = as_batch_loss(loss_fn)
+        self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
+        self.model.train(mode == "train")
+        named = dict(self.model.named_parameters())
+        if params is None:
+            names = [n for n, p in named.items() if p.requires_grad]
+        elif callable(params):
+            names = [n for n in named if params(n)]
+        else:
+            names = list(params)
+            unknown = [n for n in names if n not in named]
+            if unknown:
+                raise ValueError(f"params: unknown parameter names {unknown}")
+        if not names:
+            raise ValueError("params: no parameters selected")
+        self.names = names
+        self.params = [named[n] for n in names]
+        for n, p in named.items():
+            p.requires_grad_(n in set(names))
+        self.w0 = [p.detach().clone() for p in self.params]
+        batches = []
+        for b in iter_batches(data):
+            b = move_batch(b, self.device, self.dtype)
+            if m is not None and batch_size(b) > m:
+                batches.extend(split_batch(b, math.ceil(batch_size(b) / m)))
+            else:
+                batches.append(b)
+        if not batches:
+            raise ValueError("data: no batches")
+        self.batches = batches
+        self.sizes = [batch_size(b) for b in batches]
+        self.cost = Cost()
+
+    # -- parameters -------------------------------------------------------------
+    @property
+    def num_examples(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def dim(self) -> int:
+        return sum(w.numel() for w in self.w0)
+
+    def set_offset(self, d: Sequence[torch.Tensor] | None) -> None:
+        """Move the copy's parameters to ``w0 + d`` (``None``: back to ``w0``)."""
+        with torch.no_grad():
+            for p, w, di in zip(self.params, self.w0, d or [None] * len(self.params)):
+                p.copy_(w if di is None else w + di)
+
+    def zeros(self) -> list[torch.Tensor]:
+        return [torch.zeros_like(w) for w in self.w0]
+
+    # -- evaluations --------------------------------------------------------------
+    def _scalar(self, loss: torch.Tensor) -> torch.Tensor:
+        if loss.dim() != 0:
+            raise ValueError(f"loss_fn: expected a scalar mean loss, got shape {tuple(loss.shape)}")
+        return loss
+
+    def loss(self, batch: Any, d: Sequence[torch.Tensor] | None = None) -> float:
+        """Loss of one batch at ``w0 + d``."""
+        self.set_offset(d)
+        with torch.no_grad():
+            value = float(self._scalar(self.loss_fn(self.model, batch)))
+        self.cost.forward += 1
+        return value
+
+    def metric(self, fn: Callable[..., Any], batch: Any, d: Sequence[torch.Tensor] | None) -> float:
+        """Any ``fn(model, batch)`` at ``w0 + d`` (counted as a forward)."""
+        self.set_offset(d)
+        with torch.no_grad():
+            value = float(fn(self.model, batch))
+        self.cost.forward += 1
+        return value
+
+    def loss_and_grad(
+        self, batch: Any, d: Sequence[torch.Tensor] | None = None
+    ) -> tuple[float, list[torch.Tensor]]:
+        """Loss of one batch at ``w0 + d`` and its gradient w.r.t. the parameters."""
+        self.set_offset(d)
+        with torch.enable_grad():
+            loss = self._scalar(self.loss_fn(self.model, batch))
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        self.cost.gradient += 1
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        return float(loss.detach()), grads
+
+    def mean_loss(self, d: Sequence[torch.Tensor] | None = None) -> float:
+        """Example-weighted mean loss over all batches at ``w0 + d``."""
+        total = sum(self.loss(b, d) * n for b, n in zip(self.batches, self.sizes))
+        return total / self.num_examples
+
+    def protocol(
+        self, estimator: str, seed: int | None = None, **extra: Any
+    ) -> MeasurementProtocol:
+        return MeasurementProtocol(
+            estimator=estimator,
+            examples=self.num_examples,
+            batches=len(self.batches),
+            mode=self.mode,
+            dtype=str(self.dtype),
+            device=str(self.device),
+            seed=seed,
+            extra={"params": len(self.names), "dim": self.dim, **extra},
+        )
+
+
+def weighted_mean_stderr(
+    values: Sequence[float], weights: Sequence[float]
+) -> tuple[float, float | None]:
+    """Weighted mean and the standard error of it (``None`` for a single value)."""
+    v = torch.tensor(values, dtype=torch.float64)
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    mean = float((w * v).sum())
+    if len(values) < 2:
+        return mean, None
+    # standard error of a weighted mean with weights treated as fixed
+    n_eff = 1.0 / float((w**2).sum())
+    var = float((w * (v - mean) ** 2).sum()) * n_eff / (n_eff - 1.0)
+    return mean, math.sqrt(var / n_eff)
+
+
+def make_generator(seed: int | torch.Generator | None) -> tuple[torch.Generator, int | None]:
+    """A CPU generator from a seed (a fresh, recorded seed for ``None``).
+
+    Noise is drawn on the CPU and moved, so a seed gives the same numbers on any device.
+    """
+    if isinstance(seed, torch.Generator):
+        return seed, None
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int, a torch.Generator or None, got {seed!r}")
+    return torch.Generator().manual_seed(seed), seed

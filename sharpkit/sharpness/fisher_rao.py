@@ -1,0 +1,162 @@
+"""The Fisher-Rao norm (Liang, Poggio, Rakhlin, Stokes, 2019).
+
+    ||w||_fr^2 = <w, F(w) w> = E_(x, y) [ <w, grad_w l(w; x, y)>^2 ]
+
+with ``F`` the Fisher information: the empirical Fisher (``y`` the data labels) or
+the model Fisher (``y ~ p_w(y | x)``, softmax outputs). The inner product is a
+directional derivative along ``w`` itself,
+
+    <w, grad_w l(w)> = d/dt l((1 + t) w) |_{t = 0},
+
+computed for every example at once with one forward-mode JVP per batch. For a
+bias-free ReLU network with L hidden layers it equals ``(L + 1) <dl/df, f>``
+(Liang et al., Lemma 2.1), and it is invariant under ReLU layer rescaling.
+
+References:
+    Liang, Poggio, Rakhlin, Stokes. Fisher-Rao metric, geometry, and complexity of
+    neural networks. AISTATS 2019.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+from sharpkit.sharpness._objective import (
+    Cost,
+    MetricResult,
+    Objective,
+    make_generator,
+)
+
+__all__ = ["fisher_rao_norm"]
+
+FISHERS = ("empirical", "model")
+
+
+def _per_example_loss(loss_fn: Any, fisher: str, gen: torch.Generator) -> Callable[..., Any]:
+    criterion = getattr(loss_fn, "criterion", None)
+    if fisher == "model":
+        if not isinstance(criterion, nn.CrossEntropyLoss):
+            raise ValueError(
+                "fisher: 'model' needs a classification loss (nn.CrossEntropyLoss) to "
+                "sample labels from the softmax; use fisher='empirical'"
+            )
+
+        def model_loss(model: Any, batch: Any) -> torch.Tensor:
+            inputs, _ = batch
+            logits = model(inputs)
+            with torch.no_grad():
+                probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
+                y = torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(logits.device)
+            return nn.functional.cross_entropy(logits, y, reduction="none")
+
+        return model_loss
+    if criterion is not None:
+        per = copy.copy(criterion)
+        per.reduction = "none"
+
+        def emp_loss(model: Any, batch: Any) -> torch.Tensor:
+            inputs, targets = batch
+            out = per(model(inputs), targets)
+            return out.reshape(out.shape[0], -1).sum(dim=1)
+
+        return emp_loss
+    return loss_fn
+
+
+def _fisher_rao(obj: Objective, *, fisher: str, seed: int | torch.Generator | None) -> MetricResult:
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher: expected one of {FISHERS}, got {fisher!r}")
+    gen, seed_used = make_generator(seed)
+    loss_fn = _per_example_loss(obj.loss_fn, fisher, gen)
+    obj.set_offset(None)
+    before, obj.cost = obj.cost, Cost()
+    primals = tuple(w for w in obj.w0)
+    names = obj.names
+    fixed = {n: t for n, t in obj.model.named_parameters() if n not in set(names)}
+    fixed.update(dict(obj.model.named_buffers()))
+
+    def losses_of(batch: Any) -> Callable[..., torch.Tensor]:
+        def losses(*ws: torch.Tensor) -> torch.Tensor:
+            state = {**fixed, **dict(zip(names, ws))}
+
+            def fmodel(*args: Any, **kwargs: Any) -> Any:
+                return functional_call(obj.model, state, args, kwargs)
+
+            return loss_fn(fmodel, batch)
+
+        return losses
+
+    values = []
+    for b, n in zip(obj.batches, obj.sizes):
+        with torch.no_grad():
+            out, tangent = jvp(losses_of(b), primals, primals)
+        if out.dim() != 1 or out.shape[0] != n:
+            raise ValueError(
+                "loss_fn: the Fisher-Rao norm needs per-example losses (a vector of "
+                f"length {n}); got shape {tuple(out.shape)}. Pass an nn loss module or a "
+                "loss_fn that returns reduction='none' losses."
+            )
+        values.append(tangent.double() ** 2)
+        obj.cost.jvp += 1
+    sq = torch.cat(values)
+    mean_sq = float(sq.mean())
+    se_sq = float(sq.std(unbiased=True) / math.sqrt(sq.numel())) if sq.numel() > 1 else None
+    norm = math.sqrt(mean_sq)
+    cost, obj.cost = obj.cost, before + obj.cost
+    return MetricResult(
+        name="fisher_rao",
+        value=norm,
+        stderr=(se_sq / (2 * norm)) if (se_sq is not None and norm > 0) else None,
+        details={"norm_sq": mean_sq, "norm_sq_stderr": se_sq, "fisher": fisher},
+        cost=cost,
+        protocol=obj.protocol("jvp", seed_used if fisher == "model" else None, fisher=fisher),
+    )
+
+
+def fisher_rao_norm(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    fisher: str = "empirical",
+    seed: int | torch.Generator | None = 0,
+    params: Sequence[str] | Callable[[str], bool] | None = None,
+    mode: str = "eval",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> MetricResult:
+    """Fisher-Rao norm ``sqrt(E <w, grad l>^2)`` over the examples of ``data``.
+
+    Args:
+        model: the network (never modified).
+        loss_fn: an nn loss module (its ``reduction='none'`` form is used) or a
+            ``loss_fn(model, batch)`` returning one loss per example.
+        data: one batch or an iterable of batches.
+        fisher: ``"empirical"`` (data labels) or ``"model"`` (labels sampled from the
+            softmax; needs ``nn.CrossEntropyLoss``).
+        seed: seed of the label sampling (``fisher="model"``).
+        params: the parameters ``w`` of the inner product (others held fixed).
+        mode, dtype, device: as in :func:`~sharpkit.sharpness.worst_case_sharpness`.
+
+    Returns:
+        A :class:`MetricResult`: ``value`` the norm with a delta-method ``stderr``;
+        ``details["norm_sq"]``. Cost: one JVP per batch.
+
+    Example:
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        >>> x, y = torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0]])
+        >>> round(fisher_rao_norm(model, nn.MSELoss(), (x, y)).value, 6)  # <w, 2 f x> = 2 f^2
+        18.0
+    """
+    obj = Objective(model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device)
+    return _fisher_rao(obj, fisher=fisher, seed=seed)
