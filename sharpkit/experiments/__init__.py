@@ -26,10 +26,12 @@ from ._core import (
     run_experiment,
     summarize,
 )
+from .lora_digits import EXPERIMENT as LORA_DIGITS
+from .many_layers import EXPERIMENT as MANY_LAYERS
 from .two_cycle import EXPERIMENT as TWO_CYCLE
 
 # Each experiment module adds one line here (keep them one per line).
-_ALL: tuple[Experiment, ...] = (TWO_CYCLE,)
+_ALL: tuple[Experiment, ...] = (TWO_CYCLE, MANY_LAYERS, LORA_DIGITS)
 
 #: The claims report lists experiments in the issue's numbering (1..9).
 _ORDER = (
