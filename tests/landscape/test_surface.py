@@ -48,7 +48,7 @@ def test_surface_matches_manual_perturbation_and_accuracy() -> None:
         with torch.no_grad():
             for n, p in ref.named_parameters():
                 p.add_(a * d[n])
-        out = ref(x)
+            out = ref(x)
         assert float(loss) == pytest.approx(float(nn.functional.cross_entropy(out, y)), rel=1e-5)
         assert float(acc) == pytest.approx(float((out.argmax(1) == y).float().mean()), abs=1e-6)
 
