@@ -18,6 +18,7 @@ from torch import nn
 
 from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch, split_batch
 from sharpkit._device import resolve_device
+from sharpkit.curvature._linop import make_generator
 from sharpkit.io.results import MeasurementProtocol
 
 __all__ = [
@@ -265,17 +266,3 @@ def weighted_mean_stderr(
     n_eff = 1.0 / float((w**2).sum())
     var = float((w * (v - mean) ** 2).sum()) * n_eff / (n_eff - 1.0)
     return mean, math.sqrt(var / n_eff)
-
-
-def make_generator(seed: int | torch.Generator | None) -> tuple[torch.Generator, int | None]:
-    """A CPU generator from a seed (a fresh, recorded seed for ``None``).
-
-    Noise is drawn on the CPU and moved, so a seed gives the same numbers on any device.
-    """
-    if isinstance(seed, torch.Generator):
-        return seed, None
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an int, a torch.Generator or None, got {seed!r}")
-    return torch.Generator().manual_seed(seed), seed
