@@ -26,6 +26,7 @@ from ._core import (
     run_experiment,
     summarize,
 )
+from .balance_toys import EXPERIMENT as BALANCE_TOYS
 from .lora_digits import EXPERIMENT as LORA_DIGITS
 from .many_layers import EXPERIMENT as MANY_LAYERS
 from .theorem2 import EXPERIMENT as THEOREM2
@@ -33,7 +34,14 @@ from .two_cycle import EXPERIMENT as TWO_CYCLE
 from .wen_sharpness import EXPERIMENT as WEN_SHARPNESS
 
 # Each experiment module adds one line here (keep them one per line).
-_ALL: tuple[Experiment, ...] = (WEN_SHARPNESS, THEOREM2, TWO_CYCLE, MANY_LAYERS, LORA_DIGITS)
+_ALL: tuple[Experiment, ...] = (
+    BALANCE_TOYS,
+    WEN_SHARPNESS,
+    THEOREM2,
+    TWO_CYCLE,
+    MANY_LAYERS,
+    LORA_DIGITS,
+)
 
 #: The claims report lists experiments in the issue's numbering (1..9).
 _ORDER = (
