@@ -29,12 +29,14 @@ from ._core import (
 from .balance_toys import EXPERIMENT as BALANCE_TOYS
 from .lora_digits import EXPERIMENT as LORA_DIGITS
 from .many_layers import EXPERIMENT as MANY_LAYERS
+from .msam_flatness import EXPERIMENT as MSAM_FLATNESS
 from .theorem2 import EXPERIMENT as THEOREM2
 from .two_cycle import EXPERIMENT as TWO_CYCLE
 from .wen_sharpness import EXPERIMENT as WEN_SHARPNESS
 
 # Each experiment module adds one line here (keep them one per line).
 _ALL: tuple[Experiment, ...] = (
+    MSAM_FLATNESS,
     BALANCE_TOYS,
     WEN_SHARPNESS,
     THEOREM2,
