@@ -27,6 +27,7 @@ from ._core import (
     summarize,
 )
 from .balance_toys import EXPERIMENT as BALANCE_TOYS
+from .delta_sam_approx import EXPERIMENT as DELTA_SAM_APPROX
 from .lora_digits import EXPERIMENT as LORA_DIGITS
 from .many_layers import EXPERIMENT as MANY_LAYERS
 from .msam_flatness import EXPERIMENT as MSAM_FLATNESS
@@ -36,6 +37,7 @@ from .wen_sharpness import EXPERIMENT as WEN_SHARPNESS
 
 # Each experiment module adds one line here (keep them one per line).
 _ALL: tuple[Experiment, ...] = (
+    DELTA_SAM_APPROX,
     MSAM_FLATNESS,
     BALANCE_TOYS,
     WEN_SHARPNESS,
