@@ -31,12 +31,14 @@ from .delta_sam_approx import EXPERIMENT as DELTA_SAM_APPROX
 from .lora_digits import EXPERIMENT as LORA_DIGITS
 from .many_layers import EXPERIMENT as MANY_LAYERS
 from .msam_flatness import EXPERIMENT as MSAM_FLATNESS
+from .outlier_injection import EXPERIMENT as OUTLIER_INJECTION
 from .theorem2 import EXPERIMENT as THEOREM2
 from .two_cycle import EXPERIMENT as TWO_CYCLE
 from .wen_sharpness import EXPERIMENT as WEN_SHARPNESS
 
 # Each experiment module adds one line here (keep them one per line).
 _ALL: tuple[Experiment, ...] = (
+    OUTLIER_INJECTION,
     DELTA_SAM_APPROX,
     MSAM_FLATNESS,
     BALANCE_TOYS,
