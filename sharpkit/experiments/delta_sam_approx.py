@@ -45,6 +45,7 @@ from sharpkit.optim.delta_sam import (
 )
 
 from ._core import Experiment, ExperimentConfig, RunResult, Stat, Verdict, check, make_result
+from ._train import train_step
 
 __all__ = ["EXPERIMENT", "DeltaSAMApproxConfig", "run"]
 
@@ -90,6 +91,10 @@ def _per_example_ce(model: nn.Module, batch) -> torch.Tensor:
     return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
 
 
+def _mean_ce(model: nn.Module, batch) -> torch.Tensor:
+    return _per_example_ce(model, batch).mean()
+
+
 def _mlp(cfg: DeltaSAMApproxConfig, d_in: int, classes: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, cfg.hidden), nn.Tanh(), nn.Linear(cfg.hidden, classes)).double()  # fmt: skip
 
@@ -110,21 +115,8 @@ def _train(model: nn.Module, method: str, data, cfg: DeltaSAMApproxConfig, epoch
     for epoch in range(epochs):
         for idx in _batches(len(data.x_train), cfg, cfg.seed * 1000 + epoch):
             batch = (data.x_train[idx], data.y_train[idx])
-            if method == "dsam":
-                opt.step(_per_example_ce, batch)
-                continue
-
-            def closure(batch=batch):
-                loss = _per_example_ce(model, batch).mean()
-                loss.backward()
-                return loss
-
-            if method == "sgd":
-                opt.zero_grad(set_to_none=True)
-                closure()
-                opt.step()
-            else:
-                opt.step(closure)
+            loss_fn = _per_example_ce if method == "dsam" else _mean_ce
+            train_step(opt, model, loss_fn, batch)
 
 
 def _cosine(model: nn.Module, batch, g_pi, g_clean, cfg, **kw) -> float:

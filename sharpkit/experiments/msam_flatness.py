@@ -41,6 +41,7 @@ from sharpkit.data import load_digits
 from sharpkit.optim import MSAM, SAM
 
 from ._core import Experiment, ExperimentConfig, RunResult, Stat, Verdict, check, make_result
+from ._train import train_step
 
 __all__ = ["EXPERIMENT", "MSAMFlatnessConfig", "run"]
 
@@ -123,21 +124,7 @@ def run(cfg: MSAMFlatnessConfig) -> RunResult:
             for start in range(0, n - cfg.batch_size + 1, cfg.batch_size):  # full batches only
                 idx = perm[start : start + cfg.batch_size].to(device)
                 x, y = data.x_train[idx], data.y_train[idx]
-                if method.startswith("msam"):
-                    opt.step(ce, (x, y))
-                    continue
-
-                def closure(x=x, y=y, model=model):
-                    loss = ce(model(x), y)
-                    loss.backward()
-                    return loss
-
-                if method == "sgd":
-                    opt.zero_grad(set_to_none=True)
-                    closure()
-                    opt.step()
-                else:
-                    opt.step(closure)
+                train_step(opt, model, lambda net, b: ce(net(b[0]), b[1]), (x, y))
         model.eval()
         with torch.no_grad():
             acc = (model(data.x_test).argmax(1) == data.y_test).float().mean()

@@ -38,6 +38,7 @@ import torch
 from sharpkit.optim import SAM
 
 from ._core import Experiment, ExperimentConfig, RunResult, Stat, Verdict, check, make_result
+from ._train import train_step
 
 __all__ = ["EXPERIMENT", "WenConfig", "run"]
 
@@ -110,17 +111,7 @@ def _train(
         else:
             xb, yb = x, y
 
-        def closure(xb=xb, yb=yb):
-            loss = _loss(w, xb, yb)
-            loss.backward()
-            return loss
-
-        if method == "gd":
-            opt.zero_grad(set_to_none=True)
-            closure()
-            opt.step()
-        else:
-            opt.step(closure)
+        train_step(opt, w, lambda _, b: _loss(w, *b), (xb, yb))
     return w.detach()
 
 
