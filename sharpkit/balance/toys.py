@@ -47,7 +47,28 @@ def _check_dim(dim: Any) -> int:
     return dim
 
 
-class NOPToy:
+class _Toy:
+    """Shared set-up of the toys: validated noise level, size, generator and dtype."""
+
+    def __init__(
+        self,
+        noise: float = 0.0,
+        dim: int = 3,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        self.noise = _check_noise(noise)
+        self.dim = _check_dim(dim)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator: expected a torch.Generator, got {type(generator).__name__}"
+            )
+        self.generator = generator
+        self.dtype = dtype
+
+
+class NOPToy(_Toy):
     r"""The NOP toy ``0.5 ||x y^T - (A + a N)||_F^2`` (Li, Zhang, He, NeurIPS 2024, App. A.4).
 
     ``A = diag(0.5, 0, ..., 0)``; ``N = diag(s) U`` with ``U`` standard normal
@@ -83,14 +104,7 @@ class NOPToy:
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
-        self.noise = _check_noise(noise)
-        self.dim = _check_dim(dim)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"generator: expected a torch.Generator, got {type(generator).__name__}"
-            )
-        self.generator = generator
-        self.dtype = dtype
+        super().__init__(noise, dim, generator=generator, dtype=dtype)
         self.A = torch.zeros(dim, dim, dtype=dtype)
         self.A[0, 0] = 0.5
         if dim == 3:
@@ -127,7 +141,7 @@ class NOPToy:
         return (r @ y[..., :, None])[..., 0], (r.transpose(-1, -2) @ x[..., :, None])[..., 0]
 
 
-class OPToy:
+class OPToy(_Toy):
     r"""The OP toy ``(x^T y - (0.5 + a n))^2``, ``n ~ N(0, 1)`` (Li, Zhang, He, App. A.4).
 
     Gradients with ``r = x^T y - t``: ``g_x = 2 r y``, ``g_y = 2 r x``;
@@ -141,23 +155,6 @@ class OPToy:
     """
 
     kind = "op"
-
-    def __init__(
-        self,
-        noise: float = 0.0,
-        dim: int = 3,
-        *,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype = torch.float64,
-    ) -> None:
-        self.noise = _check_noise(noise)
-        self.dim = _check_dim(dim)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"generator: expected a torch.Generator, got {type(generator).__name__}"
-            )
-        self.generator = generator
-        self.dtype = dtype
 
     def sample_target(self, batch_shape: tuple[int, ...] = ()) -> torch.Tensor:
         """One draw of ``0.5 + a n`` (shape ``batch_shape``)."""

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-__all__ = ["BufferSnapshot", "SAMBase", "WrappedOptimizer", "frozen_buffers"]
+__all__ = ["BatchDrivenSAM", "BufferSnapshot", "SAMBase", "WrappedOptimizer", "frozen_buffers"]
 
 Closure = Callable[[], Any]
 
@@ -582,3 +582,23 @@ class SAMBase(WrappedOptimizer):
         """A skipped step leaves the buffers as they were before it."""
         if self._pre_step_buffers is not None:
             self._pre_step_buffers.restore()
+
+
+class BatchDrivenSAM(SAMBase):
+    """Base of SAM variants driven by ``step(loss_fn, batch)`` instead of a closure.
+
+    They must see inside the batch (to split it, or to get one loss per example),
+    so the manual two-phase form ``first_step()``/``second_step()`` does not exist
+    for them; subclasses say why in ``_needs_batch``.
+    """
+
+    _needs_batch = "it needs the batch"
+
+    def first_step(self, zero_grad: bool = False) -> None:
+        raise TypeError(
+            f"{type(self).__name__} has no first_step()/second_step(): {self._needs_batch}; "
+            "call step(loss_fn, batch)"
+        )
+
+    def second_step(self, zero_grad: bool = False) -> None:
+        self.first_step()

@@ -38,7 +38,7 @@ from torch.func import grad_and_value, vmap
 from torch.optim import Optimizer
 
 from .._batch import as_batch_loss, batch_size
-from ._base import SAMBase, check_nonneg_float, global_norm
+from ._base import BatchDrivenSAM, check_nonneg_float, global_norm
 from .msam import (
     FunctionalView,
     NotVectorisable,
@@ -526,7 +526,7 @@ def perturbation_cosine(
 # ----------------------------------------------------------------------------
 
 
-class DeltaSAM(SAMBase):
+class DeltaSAM(BatchDrivenSAM):
     r"""delta-SAM: SAM with one dynamically reweighted batch perturbation.
 
     .. math::
@@ -633,6 +633,7 @@ class DeltaSAM(SAMBase):
     """
 
     _OWN_KEYS = ("rho",)
+    _needs_batch = "it needs per-example losses"
 
     def __init__(
         self,
@@ -708,17 +709,6 @@ class DeltaSAM(SAMBase):
                 self._generator.set_state(self._pending_generator_state)
                 self._pending_generator_state = None
         return self._generator
-
-    # -- the manual two-phase form does not exist for delta-SAM ------------------------
-
-    def first_step(self, zero_grad: bool = False) -> None:
-        raise TypeError(
-            "DeltaSAM has no first_step()/second_step(): it needs per-example losses; "
-            "call step(loss_fn, batch)"
-        )
-
-    def second_step(self, zero_grad: bool = False) -> None:
-        self.first_step()
 
     # -- step -----------------------------------------------------------------------------
 

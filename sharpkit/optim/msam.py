@@ -12,7 +12,7 @@ from torch.func import functional_call, vmap
 from torch.optim import Optimizer
 
 from .._batch import as_batch_loss, batch_size, split_batch
-from ._base import SAMBase, check_nonneg_float, global_norm
+from ._base import BatchDrivenSAM, check_nonneg_float, global_norm
 
 __all__ = ["MSAM", "VectorisationFallbackWarning"]
 
@@ -146,7 +146,7 @@ def _check_path(value: Any) -> str:
 # ----------------------------------------------------------------------------
 
 
-class MSAM(SAMBase):
+class MSAM(BatchDrivenSAM):
     r"""Micro-batch-averaged SAM: one SAM perturbation per micro-batch, averaged.
 
     The mini-batch :math:`B` of :math:`n` examples is split into ``m`` disjoint
@@ -252,6 +252,7 @@ class MSAM(SAMBase):
     """
 
     _OWN_KEYS = ("rho",)
+    _needs_batch = "it needs the batch to split it"
 
     def __init__(
         self,
@@ -277,17 +278,6 @@ class MSAM(SAMBase):
         self.fallback_reason: str | None = None
         #: the path the last step took: 'vectorised' or 'sequential'
         self.last_path: str | None = None
-
-    # -- the manual two-phase form does not exist for mSAM -----------------------
-
-    def first_step(self, zero_grad: bool = False) -> None:
-        raise TypeError(
-            "MSAM has no first_step()/second_step(): it needs the batch to split it; "
-            "call step(loss_fn, batch)"
-        )
-
-    def second_step(self, zero_grad: bool = False) -> None:
-        self.first_step()
 
     # -- public step ---------------------------------------------------------------
 
