@@ -51,7 +51,12 @@ _DEFAULT_HVP = {"cpu": "rev-rev", "cuda": "rev-rev"}
 _MODES = ("eval", "train")
 
 
-def _select_names(model: nn.Module, params: Any) -> list[str]:
+def _select_names(model: nn.Module, params: Any, *, allow_frozen: bool = False) -> list[str]:
+    """Parameter names chosen by ``params`` (None, a list of names or a predicate).
+
+    ``allow_frozen`` accepts explicitly named parameters with ``requires_grad=False``
+    (metrics that perturb a private copy may select them; Hessians may not).
+    """
     named = dict(model.named_parameters())
     if params is None:
         names = [n for n, p in named.items() if p.requires_grad]
@@ -82,7 +87,7 @@ def _select_names(model: nn.Module, params: Any) -> list[str]:
             f"got {type(params).__name__}"
         )
     frozen = [n for n in names if not named[n].requires_grad]
-    if frozen:
+    if frozen and not allow_frozen:
         raise ValueError(
             f"params: {frozen} have requires_grad=False (no gradient); select trainable "
             "parameters only"

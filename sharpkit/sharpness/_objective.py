@@ -19,6 +19,7 @@ from torch import nn
 from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch, split_batch
 from sharpkit._device import resolve_device
 from sharpkit.curvature._linop import make_generator
+from sharpkit.curvature.hessian import _select_names
 from sharpkit.io.results import MeasurementProtocol
 
 __all__ = [
@@ -151,17 +152,7 @@ class Objective:
         self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
         self.model.train(mode == "train")
         named = dict(self.model.named_parameters())
-        if params is None:
-            names = [n for n, p in named.items() if p.requires_grad]
-        elif callable(params):
-            names = [n for n in named if params(n)]
-        else:
-            names = list(params)
-            unknown = [n for n in names if n not in named]
-            if unknown:
-                raise ValueError(f"params: unknown parameter names {unknown}")
-        if not names:
-            raise ValueError("params: no parameters selected")
+        names = _select_names(self.model, params, allow_frozen=True)
         self.names = names
         self.params = [named[n] for n in names]
         for n, p in named.items():
