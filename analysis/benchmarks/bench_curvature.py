@@ -9,9 +9,11 @@ gives the exact spectrum and trace.
 Measured, per model:
 
 - **HVP time / gradient time** (harness-interleaved, ratio to one forward+backward):
-  sharpkit reverse-over-reverse with the cached graph (the default for one batch),
+  sharpkit's default for one batch (reverse-over-reverse with the cached graph),
+  the opt-in forward-over-reverse on a cached ``torch.func.linearize`` trace,
   reverse-over-reverse recomputing the graph (the multi-batch path), torch.func
-  forward-over-reverse, and pyhessian's product.
+  forward-over-reverse, and pyhessian's product; plus the wall time of each
+  operator's first product (its one-off cache or trace).
 - **top-1 within 1e-3 relative error** and **top-5 (each within 1e-3 relative)**:
   products and wall time. sharpkit: its own stopping rule with ``tol=1e-3``
   (residual ``<= 1e-3 * lambda_max``, which bounds the error), plus the number of
@@ -59,7 +61,7 @@ from sharpkit.curvature import HessianOperator, eigenvalues, trace
 from sharpkit.curvature._linop import gaussian, make_generator
 from sharpkit.curvature.lanczos import _tridiag_eigh, lanczos_tridiagonal
 
-from .harness import Case, Row, compare, machine_info, write_table
+from .harness import Case, Row, compare, machine_info, sync, write_table
 
 RESULTS = Path(__file__).parent / "results"
 ACC = 1e-3  # relative eigenvalue accuracy asked for
@@ -246,6 +248,11 @@ def peak_memory_child(name: str, which: str, device: str, queue: Any) -> None:
     model, data = build(name)
     model = model.to(dev)
     data = tuple(t.to(dev) for t in data)
+    # load torch.func's tracing machinery first (code, not data: tens of MiB of
+    # modules that any first use in a process loads, whatever the model)
+    warm = nn.Linear(2, 2)
+    xw, yw = torch.ones(1, 2), torch.zeros(1, dtype=torch.long)
+    HessianOperator(warm, nn.CrossEntropyLoss(), (xw, yw), hvp="linearize").matvec(torch.ones(6))
     peak = [0]
     done = threading.Event()
     if dev.type == "cuda":
@@ -261,8 +268,9 @@ def peak_memory_child(name: str, which: str, device: str, queue: Any) -> None:
                 time.sleep(2e-4)
 
         threading.Thread(target=sample, daemon=True).start()
-    if which == "sharpkit":
-        op = HessianOperator(model, nn.CrossEntropyLoss(), data)
+    if which.startswith("sharpkit"):
+        hvp = "linearize" if which == "sharpkit linearize" else "auto"
+        op = HessianOperator(model, nn.CrossEntropyLoss(), data, hvp=hvp)
         eigenvalues(op, k=5, tol=ACC, seed=0)
     else:
         pyhessian_eigs(model, data, dev, 5, 1e-3, 0)
@@ -301,12 +309,14 @@ def bench_model(name: str, device: torch.device, rounds: int, memory: bool) -> d
     def grad() -> None:
         torch.autograd.grad(lf(model(data[0]), data[1]), params)
 
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0)).to(device)
     ops = {
-        "sharpkit rev-rev (cached graph, default)": op,
+        f"sharpkit {op.hvp} (auto default)": op,
+        "sharpkit linearize (opt-in)": HessianOperator(model, lf, data, hvp="linearize"),
         "sharpkit rev-rev (no cache)": HessianOperator(model, lf, data, cache_graph=False),
         "sharpkit fwd-rev (torch.func)": HessianOperator(model, lf, data, hvp="fwd-rev"),
     }
-    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0)).to(device)
+    out["first_product_s"] = _first_product_seconds(ops, v, device)
     ph = pyhessian_obj(model, data, device)
     v_ph = [c.view_as(p) for c, p in zip(torch.split(v, [p.numel() for p in ph.params]), ph.params)]
     phmod = _pyhessian_module()
@@ -320,6 +330,9 @@ def bench_model(name: str, device: torch.device, rounds: int, memory: bool) -> d
         )
     )
     rows = compare(cases, "gradient (forward+backward)", rounds=rounds, calls=3, device=device)
+    for row in rows:
+        first = out["first_product_s"].get(row.name)
+        row.extra["first product s"] = "" if first is None else f"{first:.3f}"
     out["hvp_rows"] = rows
 
     # --- top-1 and top-5
@@ -388,7 +401,25 @@ def bench_model(name: str, device: torch.device, rounds: int, memory: bool) -> d
     out["trace"] = tr
 
     if memory:
-        out["peak_mb"] = {w: peak_memory_mb(name, w, device) for w in ("sharpkit", "pyhessian")}
+        out["peak_mb"] = {
+            w: peak_memory_mb(name, w, device)
+            for w in ("sharpkit", "sharpkit linearize", "pyhessian")
+        }
+    return out
+
+
+def _first_product_seconds(
+    ops: dict[str, HessianOperator], v: torch.Tensor, device: torch.device
+) -> dict[str, float]:
+    """Wall time of each operator's first product: the one-off cost of building its
+    cache (the gradient graph for rev-rev, the trace for linearize) plus one product."""
+    out = {}
+    for name, o in ops.items():
+        sync(device)
+        t0 = time.perf_counter()
+        o.matvec(v)
+        sync(device)
+        out[name] = time.perf_counter() - t0
     return out
 
 
@@ -407,8 +438,10 @@ def big_model_rows(device: torch.device, rounds: int) -> tuple[list[Row], dict[s
     def grad() -> None:
         torch.autograd.grad(lf(model(x), y), params)
 
+    auto = HessianOperator(model, lf, (x, y))
     ops = {
-        "sharpkit rev-rev (cached graph, default)": HessianOperator(model, lf, (x, y)),
+        f"sharpkit {auto.hvp} (auto default)": auto,
+        "sharpkit linearize (opt-in)": HessianOperator(model, lf, (x, y), hvp="linearize"),
         "sharpkit rev-rev (no cache)": HessianOperator(model, lf, (x, y), cache_graph=False),
         "sharpkit fwd-rev (torch.func)": HessianOperator(model, lf, (x, y), hvp="fwd-rev"),
     }
@@ -427,7 +460,7 @@ def big_model_rows(device: torch.device, rounds: int) -> tuple[list[Row], dict[s
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    r = eigenvalues(ops["sharpkit rev-rev (cached graph, default)"], k=5, tol=ACC, seed=0)
+    r = eigenvalues(auto, k=5, tol=ACC, seed=0)
     torch.cuda.synchronize()
     info["top5"] = {
         "eigenvalues": r.eigenvalues.tolist(),
@@ -487,7 +520,10 @@ def main(argv: list[str] | None = None) -> None:
 
     notes = [
         "HVP rows: one Hessian-vector product on 512 digits examples (one batch), ratio to "
-        "one gradient (forward + backward) in the same round. The target is <= 2x.",
+        "one gradient (forward + backward) in the same round. The target is <= 2x. "
+        "'first product s': one timed first call per operator (builds its cache: the "
+        "gradient graph for rev-rev, the trace for linearize; the first operator of the "
+        "process also pays torch.func's one-off start-up), a single run, not interleaved.",
         "",
         "Wall times in the tables below are single runs, not interleaved: on a shared "
         "machine they carry other jobs' load (a slow spell shows as an outlier). Product "
@@ -546,11 +582,20 @@ def main(argv: list[str] | None = None) -> None:
     if any("peak_mb" in m for m in measured):
         kind = "CUDA max_memory_allocated" if device.type == "cuda" else "rise of sampled RSS"
         notes += ["", f"#### Peak memory of a top-5 computation ({kind}, fresh process, MiB)", ""]
-        notes += ["| model | sharpkit | pyhessian |", "|---|---|---|"]
+        notes += [
+            "Measured after a warm-up product on a 6-parameter model, so the one-off load "
+            "of torch.func's tracing code is not counted.",
+            "",
+            "| model | sharpkit (auto: rev-rev) | sharpkit linearize | pyhessian |",
+            "|---|---|---|---|",
+        ]
         for m in measured:
             if "peak_mb" in m:
                 pm = m["peak_mb"]
-                notes.append(f"| {m['model']} | {pm['sharpkit']:.1f} | {pm['pyhessian']:.1f} |")
+                notes.append(
+                    f"| {m['model']} | {pm['sharpkit']:.1f} | {pm['sharpkit linearize']:.1f} | "
+                    f"{pm['pyhessian']:.1f} |"
+                )
     if big:
         notes += ["", f"25M model top-5 (tol 1e-3): {json.dumps(big['top5'])}"]
     path = write_table(
@@ -559,7 +604,7 @@ def main(argv: list[str] | None = None) -> None:
         title="Curvature: sharpkit vs pyhessian (HVP cost, eigenvalues, trace)",
         machine=machine_info(device),
         notes=["\n".join(notes)],
-        extra_columns=["peak MB (one HVP)"] if big else [],
+        extra_columns=["first product s"] + (["peak MB (one HVP)"] if big else []),
     )
     payload = json.loads(path.with_suffix(".json").read_text())
     payload["measurements"] = [

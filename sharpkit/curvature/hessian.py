@@ -9,8 +9,11 @@ example-weighted average
 
 so a short last batch weighs less (PAPERS.md section 5). ``H v`` is never formed
 from a dense ``H``: it is one Hessian-vector product through ``torch.func``'s
-``functional_call``, either reverse-over-reverse (double backward) or
-forward-over-reverse (``jvp`` of ``grad``, Pearlmutter 1994). Parameters and
+``functional_call``: reverse-over-reverse (double backward), forward-over-reverse
+(``jvp`` of ``grad``, Pearlmutter 1994), or forward-over-reverse on a cached
+linearisation of the gradient map (``torch.func.linearize``: the map
+``v -> H v`` is traced once per batch, and each product then evaluates only its
+tangent part, none of the forward or backward pass). Parameters and
 buffers are passed to ``functional_call`` explicitly, frozen at construction, so
 the caller's model is never written to. The module mode is explicit (``"eval"``
 by default); the caller's modes are restored after every product and recorded.
@@ -23,6 +26,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -37,16 +41,30 @@ from sharpkit.io.results import MeasurementProtocol
 __all__ = ["HVP_IMPLEMENTATIONS", "HessianOperator"]
 
 #: Hessian-vector-product implementations: reverse-over-reverse (double backward,
-#: the gradient graph of a single batch is cached and reused) and torch.func
-#: forward-over-reverse (``jvp`` of ``grad``).
-HVP_IMPLEMENTATIONS = ("rev-rev", "fwd-rev")
+#: the gradient graph of a single batch is cached and reused), torch.func
+#: forward-over-reverse (``jvp`` of ``grad``) and forward-over-reverse on a cached
+#: linearisation (``torch.func.linearize`` of ``grad``, traced once per batch).
+HVP_IMPLEMENTATIONS = ("rev-rev", "fwd-rev", "linearize")
 
-# Default chosen by measurement (analysis/benchmarks/bench_curvature.py, CPU): for an
-# MLP, a small CNN and a transformer block, reverse-over-reverse took 1.8-2.2x a
-# gradient with the cached graph and 3.1-3.3x without, torch.func forward-over-reverse
-# 4.4-6.9x. CUDA was not measured yet (no GPU in that session); the same default is
-# used there until a measurement says otherwise.
+# What "auto" takes, chosen by measurement (analysis/benchmarks/bench_curvature.py,
+# results/curvature.md). On the 2-core CPU, one product on 512 digits examples cost,
+# in gradients: cached rev-rev 1.7-2.1x (MLP, CNN, transformer block), linearize
+# 1.8x (faster on the CNN and the transformer, not on the MLP, after a one-off
+# trace of 0.1-0.8 s, with 2-5x the peak memory), torch.func fwd-rev 4.2-8.1x,
+# rev-rev without the cache 3.3-3.5x. linearize is not the default although it is the fastest product: in
+# torch 2.13 tracing the second derivative of nn.MSELoss kills the process with a
+# segmentation fault (no exception to fall back from), and torch.func.linearize
+# fails on some other graphs (pytorch/pytorch#124550). CUDA was not measured yet
+# (no GPU was lent): rev-rev until a measurement says otherwise.
 _DEFAULT_HVP = {"cpu": "rev-rev", "cuda": "rev-rev"}
+_CACHING = ("rev-rev", "linearize")
+
+# torch's tracer warns about its own internals (torch.jit.script deprecation, an
+# fx constant-folding notice); they say nothing about the user's model.
+_TRACER_NOISE = (
+    r"`torch\.jit\.script` is deprecated",
+    r"Attempted to insert a get_attr Node with no underlying reference",
+)
 
 _MODES = ("eval", "train")
 
@@ -126,12 +144,28 @@ class HessianOperator:
             both.
         dtype: compute dtype (e.g. ``torch.float64``); ``None`` keeps the parameters'.
         device: compute device; ``None`` uses the parameters' device.
-        hvp: ``"auto"`` (the measured default for the device), ``"rev-rev"`` or
-            ``"fwd-rev"``.
-        cache_graph: reverse-over-reverse only: keep each batch's gradient graph and
-            reuse it for every product (one double-backward per product instead of a
-            forward, a backward and a double-backward). ``None`` caches when the data
-            is a single batch. Costs the memory of the graphs.
+        hvp: ``"auto"`` (the measured default for the device, see below),
+            ``"rev-rev"``, ``"fwd-rev"`` or ``"linearize"`` (opt-in, see below).
+        cache_graph: keep per-batch work for reuse by every product. Reverse-over-
+            reverse keeps each batch's gradient graph (one double-backward per
+            product instead of a forward, a backward and a double-backward);
+            ``"linearize"`` always caches (its linearisation is the cache).
+            ``None`` caches when the data is a single batch. Costs the memory of
+            the graphs (about the activations of the forward and backward passes).
+
+    **Choice of implementation.** ``"auto"`` is the cached ``"rev-rev"``, the
+    robust choice on every device. ``"linearize"`` (forward-over-reverse on a
+    ``torch.func.linearize`` trace of ``v -> H v``, made once per batch: 0.1-0.8 s
+    for small models, about 1 s more on the first use in a process) computes a
+    product at 1.7-1.8 gradients on the CPU against 1.7-2.1 for the cached double
+    backward (analysis/benchmarks/results/curvature.md), but holds more memory
+    (the traced graph keeps every intermediate: 2-5x the cached graph's peak on
+    those models). Worth it for long runs (trace, spectral density) on
+    convolutional or attention models. Opt in with
+    care: in torch 2.13 the tracer crashes the process (segmentation fault) on
+    ``nn.MSELoss``; a model it cannot trace raises ``RuntimeError`` at the first
+    product. All implementations agree to rounding (tested against dense
+    float64 Hessians).
 
     Attributes:
         dim: number of selected scalar parameters; ``shape == (dim, dim)``.
@@ -142,6 +176,8 @@ class HessianOperator:
     Raises:
         ValueError: empty data, bad ``params``/``mode``/``hvp``; at product time a
             non-scalar loss or a non-finite product.
+        RuntimeError: at the first product, ``hvp="linearize"`` on a model that
+            ``torch.func.linearize`` cannot trace.
 
     Note:
         The parameters, buffers and batches are copied at construction (in ``dtype``
@@ -196,7 +232,6 @@ class HessianOperator:
             hvp = _DEFAULT_HVP.get(self.device.type, "rev-rev")
         if hvp not in HVP_IMPLEMENTATIONS:
             raise ValueError(f"hvp: expected 'auto' or one of {HVP_IMPLEMENTATIONS}, got {hvp!r}")
-        self.hvp = hvp
 
         def cast(t: torch.Tensor) -> torch.Tensor:
             t = t.detach()
@@ -235,11 +270,18 @@ class HessianOperator:
         self._weights = [s / self.num_examples for s in sizes]
         self.caller_mode = _describe_modes(_module_modes(model))
         if cache_graph is None:
-            cache_graph = hvp == "rev-rev" and self.num_batches == 1
-        if cache_graph and hvp != "rev-rev":
-            raise ValueError("cache_graph: only the 'rev-rev' implementation caches a graph")
+            cache_graph = hvp == "linearize" or (hvp == "rev-rev" and self.num_batches == 1)
+        if cache_graph and hvp not in _CACHING:
+            raise ValueError(f"cache_graph: only {_CACHING} cache per-batch work, not {hvp!r}")
+        if not cache_graph and hvp == "linearize":
+            raise ValueError(
+                "cache_graph: 'linearize' always caches its per-batch linearisation; "
+                "use hvp='rev-rev' or 'fwd-rev' for cache_graph=False"
+            )
+        self.hvp = hvp
         self.cache_graph = bool(cache_graph)
         self._graphs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+        self._linear: list[Callable[..., Any]] | None = None
         self.num_matvecs = 0
 
     # ----------------------------------------------------------------- helpers
@@ -333,23 +375,66 @@ class HessianOperator:
         _, hv = torch.func.jvp(grad_fn, tuple(self._params.values()), tuple(vs))
         return list(hv)
 
+    def _linearize(self, batch: Any) -> Callable[..., Any]:
+        """``v -> H_b v`` for one batch: ``torch.func.linearize`` of the gradient map."""
+        names = list(self._params)
+
+        def grad_map(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return torch.func.grad(lambda p: self._loss(p, batch))(params)
+
+        with warnings.catch_warnings():
+            for pattern in _TRACER_NOISE:
+                warnings.filterwarnings("ignore", message=pattern)
+            _, jvp_fn = torch.func.linearize(grad_map, dict(self._params))
+
+        def product(vs: list[torch.Tensor]) -> list[torch.Tensor]:
+            out = jvp_fn(dict(zip(names, vs)))
+            return [out[n] for n in names]
+
+        return product
+
+    def _cached(self) -> bool:
+        """Whether every product now replays cached work (a trace or recorded graphs)."""
+        if self.hvp == "linearize":
+            return self._linear is not None
+        return self.hvp == "rev-rev" and self.cache_graph and self._graphs is not None
+
+    def _build_caches(self) -> None:
+        """Trace (linearize) or record (rev-rev) every batch once, before the first product."""
+        if self.hvp == "linearize" and self._linear is None:
+            try:
+                self._linear = [self._linearize(b) for b in self._batches]
+            except Exception as err:  # the tracer's failures have no common type
+                raise RuntimeError(
+                    "hvp='linearize': torch.func.linearize could not trace this model "
+                    f"({type(err).__name__}: {err}); use hvp='rev-rev'"
+                ) from err
+        if self.hvp == "rev-rev" and self.cache_graph and self._graphs is None:
+            self._graphs = [self._grad_graph(b) for b in self._batches]
+
     # ------------------------------------------------------------------ public
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """Return ``H v`` for a flat vector ``v`` of length ``dim`` (same dtype/device as ``H``).
 
         Raises:
             ValueError: wrong shape, a non-scalar loss, or a non-finite product.
+            RuntimeError: ``hvp="linearize"`` on a model the tracer cannot trace.
         """
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"v: expected a tensor, got {type(v).__name__}")
         v = v.detach().to(device=self.device, dtype=self.dtype)
         vs = self.unflatten(v)
         out: torch.Tensor | None = None
-        with self._in_mode():
-            if self.cache_graph and self._graphs is None:
-                self._graphs = [self._grad_graph(b) for b in self._batches]
+        if not self._cached():
+            with self._in_mode():
+                self._build_caches()
+        # cached products replay recorded work and never call the module: no mode switch
+        with contextlib.nullcontext() if self._cached() else self._in_mode():
             for i, (w, batch) in enumerate(zip(self._weights, self._batches)):
-                if self.hvp == "rev-rev":
+                if self.hvp == "linearize":
+                    assert self._linear is not None
+                    hv = self._linear[i](vs)
+                elif self.hvp == "rev-rev":
                     hv = self._hvp_revrev(batch, vs, i if self.cache_graph else None)
                 else:
                     hv = self._hvp_fwdrev(batch, vs)

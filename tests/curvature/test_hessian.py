@@ -31,7 +31,8 @@ def _probe(dim: int, seed: int = 0, cols: int = 3) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ORACLE_CASES)
 @pytest.mark.parametrize(
-    ("hvp", "cache_graph"), [("rev-rev", True), ("rev-rev", False), ("fwd-rev", False)]
+    ("hvp", "cache_graph"),
+    [("rev-rev", True), ("rev-rev", False), ("fwd-rev", False), ("linearize", True)],
 )
 def test_matvec_equals_dense(name: str, hvp: str, cache_graph: bool) -> None:
     case, H = _case(name)
@@ -91,7 +92,7 @@ def test_caller_mode_restored_and_recorded() -> None:
     assert proto.mode == "eval" and proto.extra["caller_mode"] == "train"
     # Train mode (batch statistics) is a different Hessian, matching the dense one.
     H_train = dense_hessian(model, case.loss_fn, case.data, mode="train")
-    for hvp in ("rev-rev", "fwd-rev"):
+    for hvp in ("rev-rev", "fwd-rev", "linearize"):
         op_train = HessianOperator(model, case.loss_fn, case.data, dtype=F64, mode="train", hvp=hvp)
         torch.testing.assert_close(op_train @ V, H_train @ V, atol=MATVEC_ATOL, rtol=0)
     assert (H_train - H_eval).abs().max() > 1e-2
@@ -231,9 +232,62 @@ def test_unused_parameter_has_zero_rows() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu() -> None:
     case, H = _case("cnn")
-    for hvp in ("rev-rev", "fwd-rev"):
+    for hvp in ("rev-rev", "fwd-rev", "linearize"):
         op = HessianOperator(case.model, case.loss_fn, case.data, dtype=F64, device="cuda", hvp=hvp)
         V = _probe(op.dim)
         out = op @ V.cuda()
         assert out.device.type == "cuda"
         torch.testing.assert_close(out.cpu(), H @ V, atol=MATVEC_ATOL, rtol=0)
+
+
+class _MutatesCapturedTensor(nn.Module):
+    """Counts its calls in a plain tensor attribute: torch.func cannot trace that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.calls = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return torch.tanh(self.lin(x))
+
+
+def test_auto_is_the_cached_rev_rev_and_linearize_caches() -> None:
+    case, _ = _case("mlp_tanh")
+    op = HessianOperator(case.model, case.loss_fn, case.data)
+    assert op.hvp == "rev-rev" and op.cache_graph
+    multi, _ = _case("multi_batch")
+    op = HessianOperator(multi.model, multi.loss_fn, multi.data)
+    assert op.hvp == "rev-rev" and not op.cache_graph
+    op = HessianOperator(multi.model, multi.loss_fn, multi.data, hvp="linearize", dtype=F64)
+    assert op.cache_graph  # one trace per batch, reused by every product
+    H_full = dense_hessian(multi.model, multi.loss_fn, multi.full_batch)
+    V = _probe(op.dim)
+    torch.testing.assert_close(op @ V, H_full @ V, atol=MATVEC_ATOL, rtol=0)
+
+
+def test_linearize_reports_a_model_it_cannot_trace() -> None:
+    torch.manual_seed(0)
+    model = _MutatesCapturedTensor().double()
+    g = torch.Generator().manual_seed(1)
+    data = (torch.randn(12, 3, generator=g, dtype=F64), torch.randint(0, 2, (12,), generator=g))
+    # the same function without the counter (which torch.func cannot trace either)
+    twin = nn.Sequential()
+    twin.lin = model.lin
+    twin.act = nn.Tanh()
+    H = dense_hessian(twin, nn.CrossEntropyLoss(), data)
+    V = _probe(sum(p.numel() for p in model.parameters()))
+    forced = HessianOperator(model, nn.CrossEntropyLoss(), data, hvp="linearize")
+    with pytest.raises(RuntimeError, match=r"could not trace this model.*use hvp='rev-rev'"):
+        forced.matvec(V[:, 0])
+    op = HessianOperator(model, nn.CrossEntropyLoss(), data)  # the default handles it
+    torch.testing.assert_close(op @ V, H @ V, atol=MATVEC_ATOL, rtol=0)
+
+
+def test_linearize_refuses_cache_graph_false() -> None:
+    case, _ = _case("mlp_tanh")
+    with pytest.raises(ValueError, match="always caches"):
+        HessianOperator(case.model, case.loss_fn, case.data, hvp="linearize", cache_graph=False)
+    with pytest.raises(ValueError, match="cache per-batch work"):
+        HessianOperator(case.model, case.loss_fn, case.data, hvp="fwd-rev", cache_graph=True)
