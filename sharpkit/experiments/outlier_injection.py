@@ -5,23 +5,95 @@ grows with the noise in the data (for NOP, :math:`E[\|g_y\|^2 - \|g_x\|^2]` grow
 like :math:`a^2`), so outliers drive balancing; SGD does not respond (it
 conserves :math:`B` whatever the data).
 
-**Setting.** The paper's NOP toy :math:`\tfrac12\|xy^\top - (A + aN)\|_F^2`
+For a pair :math:`(x, y)` with :math:`B = (\|x\|^2 - \|y\|^2)/2`, Theorem 2 gives
+under SAM (radius :math:`\rho`)
+
+.. math::
+
+    \frac{dB}{dt} = \rho\,\frac{\|g_x\|^2 - \|g_y\|^2}{\sqrt{\|g_x\|^2 + \|g_y\|^2}}
+    + O(\rho^2),
+
+while one SGD step of size :math:`\eta` changes :math:`B` by
+:math:`\eta^2(\|g_x\|^2 - \|g_y\|^2)/2` (gradient flow conserves :math:`B`
+exactly; this is the discretisation error). Per unit time SGD's drift is thus
+about :math:`\eta\|g\|/(2\rho)` of SAM's, small when :math:`\eta\|g\| \ll \rho`.
+
+**Setting, toy arm.** The paper's NOP toy :math:`\tfrac12\|xy^\top - (A + aN)\|_F^2`
 (:class:`~sharpkit.balance.toys.NOPToy`, base noise ``noise``) in which each
 step's sample is, with probability ``p``, an *outlier*: its noise term is scaled
 by ``k``. SAM (radius 0.1, the paper's) and SGD from the paper's start
 (:func:`~sharpkit.balance.toys.simulate`, ``runs`` noise streams), over a grid
 of ``p`` and ``k``.
 
-**Measured.** The balancing rate ``rate_<method>@p,k`` =
-:math:`\log(|B_0|/|B_T|)/(\eta T)` (mean over runs; per unit of time, so
-independent of the step size), on every grid point.
+**Setting, LoRA arm (real data).** The MLP 64-``lora_hidden``-``lora_hidden``-5
+of :mod:`~sharpkit.experiments.lora_digits` is pretrained on digits 0-4
+(scikit-learn's bundled 8x8 digits), frozen, and LoRA adapters
+(:func:`~sharpkit.balance.add_lora`, :math:`W = W_0 + \tfrac{\alpha}{r} B A`,
+pair :math:`x = B`, :math:`y = A`) on the layers ``lora_targets`` are trained on
+digits 5-9 with SAM (around plain SGD) or plain SGD, from the same adapters and
+the same fixed minibatches (one fixed partition of the training set, cycled), for
+``lora_steps`` steps. Outliers (the main grid; one kind only): a fraction ``p``
+of the training examples, chosen once per seed, has its input replaced by
+:math:`x + k\,\sigma\,\varepsilon`, :math:`\varepsilon \sim N(0, I)` drawn once
+per seed, :math:`\sigma` the pooled standard deviation of the clean training
+inputs (:func:`inject_outliers`). The draws are shared by every grid point of a
+seed, so the outlier sets are nested in ``p`` and the noise only rescales with
+``k`` (common random numbers). Design choices, made for the reasons below:
 
-**Verdict.** Supported when (i) SAM's rate at the largest ``p`` and ``k``
-exceeds its rate without outliers (``p = 0``) by more than the CI of both over
-seeds, (ii) SAM's mean rate does not decrease along ``p`` (for every ``k > 1``)
-nor along ``k`` (for every ``p > 0``), and (iii) SGD does not respond: its
-largest absolute rate is below ``SGD_FRACTION`` (0.1) of SAM's largest (a
+* *Clear imbalance at the start*: LoRA starts with :math:`B = 0`, so
+  :math:`B_0 = -\|A\|^2/2` is small and an adapter crossing :math:`B = 0` makes
+  :math:`|B|` grow again; ``A`` is scaled by ``lora_init_scale`` (2) so the pair
+  starts clearly unbalanced and is measured over a horizon where it does not
+  cross zero.
+* *The input layer is adapted* (``lora_targets = ("0",)``, a square 64x64
+  layer): input-noise outliers put isotropic noise :math:`k\sigma\varepsilon` in
+  the input :math:`h` of exactly this pair. With :math:`G = \delta h^\top`,
+  :math:`g_x = G A^\top` and :math:`g_y = B^\top G`, that noise adds
+  :math:`k^2\sigma^2 \|\delta\|^2 \|A\|^2` to :math:`E\|g_x\|^2` and
+  :math:`k^2\sigma^2 d_{in} \|B^\top\delta\|^2` to :math:`E\|g_y\|^2`, a gap of the
+  sign that shrinks :math:`|B|` when :math:`\|A\| \gg \|B\|` (the paper's
+  mechanism). Deeper layers see the noise only through the frozen, rectified
+  first layer, and a non-square pair (e.g. the 64x5 head) is pushed towards
+  :math:`d_{out}\|A\|^2 \approx d_{in}\|B\|^2`, not towards :math:`B = 0`.
+* *Small step size*: ``lora_lr`` is chosen so that :math:`\eta\|g\|/(2\rho)`
+  (reported as ``lora_sgd_drift_ratio``) is well below 1.
+
+**Measured.** The balancing rate :math:`\log(|B_0|/|B_T|)/(\eta T)` per unit of
+time (independent of the step size): ``rate_<method>@p,k`` on the toy (mean over
+runs), ``lora_rate_<method>@p,k`` on the LoRA arm (with
+:math:`|B| = \sum_\text{layers}|B_l|`); ``p = 0`` is run once and reported for
+every ``k``. Also ``lora_gain_<method>``, the paired per-seed difference of the
+LoRA rate at the largest ``p, k`` and at ``p = 0``, and
+``lora_sgd_drift_ratio`` :math:`= \eta \max\overline{\|g\|}/(2\rho)` (mean
+gradient norm along the SGD runs, largest over the grid).
+
+**Verdict.** *Toy arm*: supported when (i) SAM's rate at the largest ``p`` and
+``k`` exceeds its rate without outliers (``p = 0``) by more than the CI of both
+over seeds, (ii) SAM's mean rate does not decrease along ``p`` (for every
+``k > 1``) nor along ``k`` (for every ``p > 0``), and (iii) SGD does not respond:
+its largest absolute rate is below ``SGD_FRACTION`` (0.1) of SAM's largest (a
 drift, not a balancing force; SGD's drift at finite step size is ``O(eta)``).
+*LoRA arm*: supported when SAM's rate at the largest ``p, k`` lies above its
+``p = 0`` rate beyond both CIs over seeds and SGD's largest absolute mean rate is
+below ``SGD_FRACTION`` of SAM's largest absolute mean rate (absolute, since on
+real data SAM's rate can be negative); contradicted when SAM's mean rate at the
+largest ``p, k`` is not above its ``p = 0`` mean, or SGD's rate is not small;
+inconclusive otherwise (right direction, overlapping CIs). Monotonicity along
+the grid is reported by the heat map, not required. The experiment is supported
+when both arms are, not supported when either is not, inconclusive otherwise; a
+report without the LoRA arm's numbers is judged on the toy arm alone.
+
+**Observed (small scale, CPU).** The toy arm responds clearly. On the LoRA arm
+|B| *grows* under SAM without outliers (rate about -0.03: with clean data SAM on
+NOP need not balance) and the rate rises with ``p`` and ``k`` on most seeds, but
+the effect is weak against the seed-to-seed spread of the pretrained base: the
+paired gain (rate at p = 0.3, k = 4 minus at p = 0) was 0.031, 0.047, 0.032,
+0.052, -0.007, -0.046, 0.026, -0.011, 0.021, 0.033 on seeds 0-9, and with the
+default three seeds the unpaired CIs overlap, so that arm comes out
+inconclusive. SGD's rates stay below 0.01 (``lora_sgd_drift_ratio`` about 0.07).
+Adapting all three layers and summing |B| gave no response at all, and the
+hidden 64x64 layer responded non-monotonically with large seed spread (probes
+before this design).
 """
 
 from __future__ import annotations
@@ -33,17 +105,32 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
+from sharpkit.balance import add_lora, balancedness, find_pairs
 from sharpkit.balance.toys import NOPToy, simulate
+from sharpkit.data import load_digits
+from sharpkit.optim import SAM
 
 from ._core import Experiment, ExperimentConfig, RunResult, Stat, Verdict, check, make_result
+from .lora_digits import LoRADigitsConfig, _mlp, _pretrain
 
-__all__ = ["EXPERIMENT", "OutlierInjectionConfig", "OutlierNOPToy", "run"]
+__all__ = [
+    "EXPERIMENT",
+    "OutlierInjectionConfig",
+    "OutlierNOPToy",
+    "decide",
+    "draw_outliers",
+    "inject_outliers",
+    "run",
+]
 
 #: SGD "does not respond" when its largest |rate| is below this fraction of SAM's largest
 SGD_FRACTION = 0.1
 #: the paper's SAM radius on the NOP toy (Appendix A.4)
 _RHO = 0.1
+#: the linear layers of the lora_digits MLP that may carry adapters
+_LAYERS = ("0", "2", "4")
 
 
 class OutlierNOPToy(NOPToy):
@@ -62,17 +149,67 @@ class OutlierNOPToy(NOPToy):
         return self.A + scale * (target - self.A)
 
 
+def draw_outliers(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random draws of :func:`inject_outliers`, once per seed: an order of the
+    examples (the first ``round(p n)`` become outliers) and standard normal noise
+    of the shape of ``x`` (on the CPU)."""
+    order = torch.randperm(x.shape[0], generator=generator)
+    noise = torch.randn(tuple(x.shape), generator=generator, dtype=x.dtype)
+    return order, noise
+
+
+def inject_outliers(
+    x: torch.Tensor, p: float, k: float, order: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Replace a fraction ``p`` of the rows of ``x`` by :math:`x + k\sigma\varepsilon`.
+
+    Args:
+        x: inputs ``(n, d)`` (left unchanged).
+        p: fraction of outlier rows, in [0, 1]; exactly ``round(p n)`` rows.
+        k: outlier strength (> 0), in units of :math:`\sigma`, the pooled standard
+            deviation of ``x``.
+        order, noise: the draws of :func:`draw_outliers`.
+
+    Returns:
+        The new inputs and the ``(n,)`` boolean mask of outlier rows.
+    """
+    check(0.0 <= p <= 1.0, f"p: must lie in [0, 1], got {p}")
+    check(k > 0, f"k: must be positive, got {k}")
+    n = x.shape[0]
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[: round(p * n)]] = True
+    mask = mask.to(x.device)
+    sigma = x.std()
+    out = torch.where(mask[:, None], x + k * sigma * noise.to(x.device), x)
+    return out, mask
+
+
 @dataclass(frozen=True)
 class OutlierInjectionConfig(ExperimentConfig):
     """Config of the outlier-injection experiment.
 
     Attributes:
-        noise: base noise level ``a`` of every sample (>= 0).
-        fractions: outlier probabilities ``p`` (each in [0, 1]; include 0).
-        strengths: outlier noise multipliers ``k`` (each >= 1; include 1).
-        lr: step size.
-        steps: steps per run.
-        runs: independent noise streams per grid point.
+        noise: toy arm: base noise level ``a`` of every sample (>= 0).
+        fractions: toy arm: outlier probabilities ``p`` (each in [0, 1]; include 0).
+        strengths: toy arm: outlier noise multipliers ``k`` (each >= 1; include 1).
+        lr: toy arm: step size.
+        steps: toy arm: steps per run.
+        runs: toy arm: independent noise streams per grid point.
+        lora_fractions: LoRA arm: fractions ``p`` of outlier examples (each in
+            [0, 1); include 0).
+        lora_strengths: LoRA arm: input-noise strengths ``k`` in units of the
+            inputs' standard deviation (each > 0).
+        lora_hidden: LoRA arm: hidden width of the pretrained MLP.
+        lora_pretrain_epochs: LoRA arm: full-batch Adam epochs of pretraining.
+        lora_targets: LoRA arm: adapted layers, among "0" (input), "2", "4" (head).
+        lora_rank: LoRA rank.
+        lora_alpha: LoRA alpha.
+        lora_init_scale: the adapters' ``A`` factors are multiplied by this at the
+            start (``B`` starts at 0), setting the initial imbalance.
+        lora_lr: LoRA arm: step size of SGD (and of SAM's base SGD).
+        lora_rho: LoRA arm: SAM radius.
+        lora_steps: LoRA arm: steps per run.
+        lora_batch_size: LoRA arm: size of the fixed minibatches.
     """
 
     noise: float = 0.25
@@ -81,6 +218,18 @@ class OutlierInjectionConfig(ExperimentConfig):
     lr: float = 1e-3
     steps: int = 5000
     runs: int = 16
+    lora_fractions: tuple[float, ...] = (0.0, 0.1, 0.3)
+    lora_strengths: tuple[float, ...] = (1.0, 2.0, 4.0)
+    lora_hidden: int = 64
+    lora_pretrain_epochs: int = 300
+    lora_targets: tuple[str, ...] = ("0",)
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    lora_init_scale: float = 2.0
+    lora_lr: float = 1e-3
+    lora_rho: float = 0.05
+    lora_steps: int = 1200
+    lora_batch_size: int = 64
 
     def validate(self) -> None:
         super().validate()
@@ -96,18 +245,50 @@ class OutlierInjectionConfig(ExperimentConfig):
         check(self.lr > 0, f"lr: must be positive, got {self.lr}")
         check(self.steps >= 1, f"steps: must be >= 1, got {self.steps}")
         check(self.runs >= 1, f"runs: must be >= 1, got {self.runs}")
+        lf, ls = self.lora_fractions, self.lora_strengths
+        check(
+            all(0 <= p < 1 for p in lf) and 0.0 in lf and len(set(lf)) >= 2,
+            f"lora_fractions: need at least two distinct p in [0, 1), 0 included, got {lf}",
+        )
+        check(
+            all(k > 0 and math.isfinite(k) for k in ls) and len(set(ls)) >= 2,
+            f"lora_strengths: need at least two distinct finite k > 0, got {ls}",
+        )
+        check(self.lora_hidden >= 1, f"lora_hidden: must be positive, got {self.lora_hidden}")
+        check(
+            self.lora_pretrain_epochs >= 1,
+            f"lora_pretrain_epochs: must be positive, got {self.lora_pretrain_epochs}",
+        )
+        check(
+            len(self.lora_targets) >= 1
+            and len(set(self.lora_targets)) == len(self.lora_targets)
+            and all(t in _LAYERS for t in self.lora_targets),
+            f"lora_targets: need distinct layers among {_LAYERS}, got {self.lora_targets}",
+        )
+        check(
+            1 <= self.lora_rank <= self.lora_hidden,
+            f"lora_rank: need 1 <= lora_rank <= lora_hidden, got {self.lora_rank}",
+        )
+        check(self.lora_alpha > 0, f"lora_alpha: must be positive, got {self.lora_alpha}")
+        check(
+            self.lora_init_scale > 0,
+            f"lora_init_scale: must be positive, got {self.lora_init_scale}",
+        )
+        check(self.lora_lr > 0, f"lora_lr: must be positive, got {self.lora_lr}")
+        check(self.lora_rho > 0, f"lora_rho: must be positive, got {self.lora_rho}")
+        check(self.lora_steps >= 1, f"lora_steps: must be >= 1, got {self.lora_steps}")
+        check(
+            self.lora_batch_size >= 1,
+            f"lora_batch_size: must be positive, got {self.lora_batch_size}",
+        )
 
 
 def _key(method: str, p: float, k: float) -> str:
     return f"rate_{method}@{p:g},{k:g}"
 
 
-def run(cfg: OutlierInjectionConfig) -> RunResult:
-    """One seed: SAM and SGD on every (p, k) grid point."""
-    cfg.validate()
-    t0 = time.perf_counter()
+def _toy_arm(cfg: OutlierInjectionConfig, summary: dict[str, float]) -> None:
     gen = torch.Generator().manual_seed(cfg.seed)
-    summary: dict[str, float] = {}
     horizon = cfg.lr * cfg.steps
     for p, k in itertools.product(cfg.fractions, cfg.strengths):
         for method in ("sam", "sgd"):
@@ -118,18 +299,116 @@ def run(cfg: OutlierInjectionConfig) -> RunResult:
             ).balancedness  # fmt: skip
             rates = np.log(np.abs(traj[0]) / np.abs(traj[-1])) / horizon
             summary[_key(method, p, k)] = float(np.mean(rates))
-    series = {"fractions": list(cfg.fractions), "strengths": list(cfg.strengths)}
+
+
+def _lora_cfg(cfg: OutlierInjectionConfig) -> LoRADigitsConfig:
+    return LoRADigitsConfig(
+        seed=cfg.seed,
+        device=cfg.device,
+        hidden=cfg.lora_hidden,
+        pretrain_epochs=cfg.lora_pretrain_epochs,
+        rank=cfg.lora_rank,
+        alpha=cfg.lora_alpha,
+    )
+
+
+def _lora_run(cfg, lcfg, method, base_state, data, x, device) -> tuple[float, float, list[float]]:
+    """Adapt with SAM or SGD on inputs ``x``; return the rate, the mean gradient norm
+    and the per-layer B at the start."""
+    model = _mlp(lcfg, data.num_features, data.num_classes)
+    model.load_state_dict(base_state)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same adapters everywhere
+    add_lora(model, list(cfg.lora_targets), rank=cfg.lora_rank, alpha=cfg.lora_alpha, generator=gen)  # fmt: skip
+    pairs = find_pairs(model)
+    with torch.no_grad():
+        for pair in pairs:
+            pair.y.mul_(cfg.lora_init_scale)  # y is the A factor: a clear imbalance, B < 0
+    model.to(device)
+    params = [q for q in model.parameters() if q.requires_grad]
+    if method == "sam":
+        opt = SAM(params, torch.optim.SGD, rho=cfg.lora_rho, lr=cfg.lora_lr)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lora_lr)
+    loss_fn = nn.CrossEntropyLoss()
+    n = x.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 2)).to(device)
+    batches = [perm[i : i + cfg.lora_batch_size] for i in range(0, n, cfg.lora_batch_size)]
+    b0 = [balancedness(pair) for pair in pairs]
+    norms = []
+    for t in range(cfg.lora_steps):
+        idx = batches[t % len(batches)]
+        xb, yb = x[idx], data.y_train[idx]
+
+        def closure(xb=xb, yb=yb):
+            opt.zero_grad()
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            return loss
+
+        if method == "sam":
+            opt.step(closure)
+        else:
+            closure()
+            if t % 10 == 0:
+                norms.append(float(torch.sqrt(sum(q.grad.pow(2).sum() for q in params))))
+            opt.step()
+    b_end = [balancedness(pair) for pair in pairs]
+    rate = math.log(sum(map(abs, b0)) / sum(map(abs, b_end))) / (cfg.lora_lr * cfg.lora_steps)
+    return rate, (sum(norms) / len(norms) if norms else math.nan), b0
+
+
+def _lora_arm(cfg: OutlierInjectionConfig, summary: dict[str, float], series: dict) -> None:
+    device = torch.device(cfg.device)
+    lcfg = _lora_cfg(cfg)
+    base_state = _pretrain(lcfg, device)
+    data = load_digits(seed=cfg.seed, classes=lcfg.adapt_classes, device=device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order, noise = draw_outliers(data.x_train.cpu(), gen)
+    grad_norm = 0.0
+    for p in cfg.lora_fractions:
+        # p = 0 has no outliers whatever k: run once, report it for every k
+        for k in cfg.lora_strengths if p > 0 else cfg.lora_strengths[:1]:
+            x, _ = inject_outliers(data.x_train, p, k, order, noise)
+            for method in ("sam", "sgd"):
+                rate, g, b0 = _lora_run(cfg, lcfg, method, base_state, data, x, device)
+                for kk in cfg.lora_strengths if p == 0 else (k,):
+                    summary["lora_" + _key(method, p, kk)] = rate
+                if method == "sgd":
+                    grad_norm = max(grad_norm, g)
+    series["lora_B0"] = b0
+    top_p, top_k = max(cfg.lora_fractions), max(cfg.lora_strengths)
+    for method in ("sam", "sgd"):
+        summary[f"lora_gain_{method}"] = (
+            summary["lora_" + _key(method, top_p, top_k)]
+            - summary["lora_" + _key(method, 0.0, top_k)]
+        )
+    summary["lora_sgd_drift_ratio"] = cfg.lora_lr * grad_norm / (2 * cfg.lora_rho)
+
+
+def run(cfg: OutlierInjectionConfig) -> RunResult:
+    """One seed: SAM and SGD on every (p, k) grid point, toy arm and LoRA arm."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    summary: dict[str, float] = {}
+    _toy_arm(cfg, summary)
+    series: dict[str, object] = {
+        "fractions": list(cfg.fractions),
+        "strengths": list(cfg.strengths),
+        "lora_fractions": list(cfg.lora_fractions),
+        "lora_strengths": list(cfg.lora_strengths),
+    }
+    _lora_arm(cfg, summary, series)
     return make_result(EXPERIMENT, cfg, series, summary, time.perf_counter() - t0)
 
 
-def _grid(stats: dict[str, Stat]) -> tuple[list[str], list[str]]:
-    pts = [k.split("@")[1].split(",") for k in stats if k.startswith("rate_sam@")]
+def _grid(stats: dict[str, Stat], prefix: str = "") -> tuple[list[str], list[str]]:
+    pts = [k.split("@")[1].split(",") for k in stats if k.startswith(f"{prefix}rate_sam@")]
     ps = sorted({p for p, _ in pts}, key=float)
     ks = sorted({k for _, k in pts}, key=float)
     return ps, ks
 
 
-def decide(stats: dict[str, Stat]) -> Verdict:
+def _decide_toy(stats: dict[str, Stat]) -> tuple[bool, str, dict[str, float]]:
     ps, ks = _grid(stats)
 
     def s(method: str, p: str, k: str) -> Stat:
@@ -153,24 +432,85 @@ def decide(stats: dict[str, Stat]) -> Verdict:
     sgd_max = max(abs(s("sgd", p, k).mean) for p in ps for k in ks)
     sgd_flat = sgd_max < SGD_FRACTION * sam_max
     holds = bool(responds and along_p and along_k and sgd_flat)
+    statement = (
+        f"SAM's balancing rate (log|B| per unit time) at p = {ps[-1]}, k = {ks[-1]}: "
+        f"{top.fmt(3)} vs {base.fmt(3)} without outliers; non-decreasing along p: "
+        f"{'yes' if along_p else 'no'}, along k: {'yes' if along_k else 'no'}; SGD's largest "
+        f"|rate| {sgd_max:.3g} = {sgd_max / sam_max if sam_max > 0 else math.inf:.3f} of SAM's "
+        f"largest {sam_max:.3g} (threshold {SGD_FRACTION})."
+    )
+    return holds, statement, {"sam_top": top.mean, "sam_base": base.mean, "sgd_max": sgd_max}
+
+
+def _decide_lora(stats: dict[str, Stat]) -> tuple[bool | None, str, dict[str, float]]:
+    ps, ks = _grid(stats, "lora_")
+
+    def s(method: str, p: str, k: str) -> Stat:
+        return stats[f"lora_rate_{method}@{p},{k}"]
+
+    top, base = s("sam", ps[-1], ks[-1]), s("sam", ps[0], ks[-1])
+    top_lo = top.ci_low if top.has_ci else top.mean
+    base_hi = base.ci_high if base.has_ci else base.mean
+    sam_max = max(abs(s("sam", p, k).mean) for p in ps for k in ks)
+    sgd_max = max(abs(s("sgd", p, k).mean) for p in ps for k in ks)
+    sgd_flat = sgd_max < SGD_FRACTION * sam_max
+    holds: bool | None
+    if top.mean <= base.mean or not sgd_flat:
+        holds = False
+    elif top_lo > base_hi:
+        holds = True
+    else:
+        holds = None
+    extra = ""
+    if "lora_gain_sam" in stats:
+        extra += f"; paired per-seed gain {stats['lora_gain_sam'].fmt(3)}"
+    if "lora_sgd_drift_ratio" in stats:
+        extra += f"; eta|g|/(2 rho) = {stats['lora_sgd_drift_ratio'].fmt(2)}"
+    ratio = sgd_max / sam_max if sam_max > 0 else math.inf
+    statement = (
+        f"SAM's rate at p = {ps[-1]}, k = {ks[-1]}: {top.fmt(3)} vs {base.fmt(3)} without "
+        f"outliers ({'above beyond the CIs' if top_lo > base_hi else 'CIs overlap'}{extra}); "
+        f"SGD's largest |rate| {sgd_max:.3g} = {ratio:.3f} of SAM's largest |rate| "
+        f"{sam_max:.3g} (threshold {SGD_FRACTION})."
+    )
+    numbers = {"lora_sam_top": top.mean, "lora_sam_base": base.mean, "lora_sgd_max": sgd_max}
+    return holds, statement, numbers
+
+
+def decide(stats: dict[str, Stat]) -> Verdict:
+    label = {True: "supported", False: "not supported", None: "inconclusive"}
+    toy, toy_text, numbers = _decide_toy(stats)
+    if not any(k.startswith("lora_rate_sam@") for k in stats):
+        return Verdict(holds=toy, statement=f"Toy arm: {toy_text}", numbers=numbers)
+    lora, lora_text, lora_numbers = _decide_lora(stats)
+    if toy is False or lora is False:
+        holds: bool | None = False
+    elif toy is True and lora is True:
+        holds = True
+    else:
+        holds = None
     return Verdict(
         holds=holds,
         statement=(
-            f"SAM's balancing rate (log|B| per unit time) at p = {ps[-1]}, k = {ks[-1]}: "
-            f"{top.fmt(3)} vs {base.fmt(3)} without outliers; non-decreasing along p: "
-            f"{'yes' if along_p else 'no'}, along k: {'yes' if along_k else 'no'}; SGD's largest "
-            f"|rate| {sgd_max:.3g} = {sgd_max / sam_max if sam_max > 0 else math.inf:.3f} of SAM's "
-            f"largest {sam_max:.3g} (threshold {SGD_FRACTION})."
+            f"Toy arm ({label[toy]}): {toy_text} LoRA on digits arm ({label[lora]}): {lora_text}"
         ),
-        numbers={"sam_top": top.mean, "sam_base": base.mean, "sgd_max": sgd_max},
+        numbers={**numbers, **lora_numbers},
     )
 
 
 def _setting(cfg: OutlierInjectionConfig) -> str:
     return (
-        f"Paper's NOP toy, base noise a = {cfg.noise:g}, outliers with probability p in "
+        f"Toy arm: paper's NOP toy, base noise a = {cfg.noise:g}, outliers with probability p in "
         f"{list(cfg.fractions)} scaling the noise by k in {list(cfg.strengths)}; SAM (rho 0.1) "
-        f"and SGD, lr {cfg.lr:g}, {cfg.steps} steps, {cfg.runs} noise streams per point."
+        f"and SGD, lr {cfg.lr:g}, {cfg.steps} steps, {cfg.runs} noise streams per point. "
+        f"LoRA arm: MLP 64-{cfg.lora_hidden}-{cfg.lora_hidden}-5 pretrained on digits 0-4 "
+        f"({cfg.lora_pretrain_epochs} Adam epochs), frozen; LoRA (rank {cfg.lora_rank}, alpha "
+        f"{cfg.lora_alpha:g}, A scaled by {cfg.lora_init_scale:g} at the start) on layer(s) "
+        f"{list(cfg.lora_targets)}, trained on digits 5-9 whose training inputs have a fraction "
+        f"p in {list(cfg.lora_fractions)} of input-noise outliers x + k sigma eps, k in "
+        f"{list(cfg.lora_strengths)} (main and only outlier kind; labels clean); SAM (rho "
+        f"{cfg.lora_rho:g}, around SGD) and SGD, lr {cfg.lora_lr:g}, {cfg.lora_steps} steps on "
+        f"fixed minibatches of {cfg.lora_batch_size}; |B| summed over adapted layers."
     )
 
 
@@ -185,13 +525,21 @@ EXPERIMENT = Experiment(
     title="Outlier injection: data-responsive balancing",
     claim=(
         "SAM's balancing of two-factor problems speeds up with the fraction p and strength k of "
-        "outliers in the data; SGD does not respond."
+        "outliers in the data (NOP toy, and LoRA on the digits); SGD does not respond."
     ),
     source="Li, Zhang, He (NeurIPS 2024), data-responsiveness of SAM's implicit regularisation; PAPERS.md section 4.",
     config_cls=OutlierInjectionConfig,
     scales={
         "test": OutlierInjectionConfig(
-            fractions=(0.0, 0.3), strengths=(1.0, 10.0), steps=1500, runs=8
+            fractions=(0.0, 0.3),
+            strengths=(1.0, 10.0),
+            steps=1500,
+            runs=8,
+            lora_fractions=(0.0, 0.3),
+            lora_strengths=(2.0, 4.0),
+            lora_pretrain_epochs=150,
+            lora_steps=600,
+            lora_lr=2e-3,
         ),
         "small": OutlierInjectionConfig(),
         "large": OutlierInjectionConfig(
@@ -200,6 +548,12 @@ EXPERIMENT = Experiment(
             lr=1e-4,
             steps=50_000,
             runs=64,
+            lora_fractions=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5),
+            lora_strengths=(0.5, 1.0, 2.0, 3.0, 4.0, 6.0),
+            lora_hidden=256,
+            lora_pretrain_epochs=1000,
+            lora_lr=5e-4,
+            lora_steps=10_000,
         ),
     },
     seeds={"test": 1, "small": 3, "large": 5},

@@ -1,4 +1,4 @@
-"""Experiment 2: outlier injection on the NOP toy."""
+"""Experiment 2: outlier injection on the NOP toy and on LoRA adapters on the digits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from sharpkit.experiments import EXPERIMENTS, Stat, run_experiment
-from sharpkit.experiments.outlier_injection import OutlierNOPToy, decide
+from sharpkit.experiments.outlier_injection import (
+    OutlierNOPToy,
+    decide,
+    draw_outliers,
+    inject_outliers,
+)
 
 
 def test_outliers_scale_the_noise_with_the_given_frequency() -> None:
@@ -17,32 +22,103 @@ def test_outliers_scale_the_noise_with_the_given_frequency() -> None:
     assert abs(big.double().mean().item() - 0.3) < 0.02
 
 
+def test_input_outliers_hit_the_requested_fraction_and_strength() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1000, 64, generator=gen)
+    order, noise = draw_outliers(x, torch.Generator().manual_seed(1))
+    sigma = x.std()
+    for p, k in ((0.0, 3.0), (0.1, 2.0), (0.3, 4.0)):
+        out, mask = inject_outliers(x, p, k, order, noise)
+        assert int(mask.sum()) == round(p * 1000)
+        assert torch.equal(out[~mask], x[~mask])  # the other rows are untouched
+        if p > 0:
+            diff = out[mask] - x[mask]
+            assert torch.allclose(diff, k * sigma * noise[mask], atol=1e-5)
+            assert abs(diff.std().item() / (k * sigma.item()) - 1) < 0.05
+    # nested in p: the outliers at p = 0.1 are among those at p = 0.3
+    _, small = inject_outliers(x, 0.1, 1.0, order, noise)
+    _, large = inject_outliers(x, 0.3, 1.0, order, noise)
+    assert bool((small <= large).all())
+
+
 def test_sam_responds_sgd_does_not_at_test_scale(tmp_path) -> None:
     report = run_experiment(EXPERIMENTS["outlier_injection"], scale="test", out_dir=tmp_path)
     s = report.runs[0].summary
-    # Measured (seed 0): SAM's rate 0.094 without outliers, 0.266 at p = 0.3, k = 10;
-    # SGD's at most 0.004. Asserted with wide margins:
+    # Toy arm. Measured (seed 0): SAM's rate 0.094 without outliers, 0.266 at p = 0.3,
+    # k = 10; SGD's at most 0.004. Asserted with wide margins:
     assert s["rate_sam@0.3,10"] > 1.5 * s["rate_sam@0,10"]
     assert max(abs(v) for k, v in s.items() if k.startswith("rate_sgd")) < 0.03
+    # LoRA arm. Measured at test scale, seeds 0-5: SAM's rate at p = 0.3, k = 4 minus at
+    # p = 0 (the paired gain) 0.036, 0.048, 0.033, 0.050, -0.004, -0.044 (mean 0.020, sd
+    # 0.035): the effect is weak and seed-dependent, so this guards the fixed seed 0 only
+    # (deterministic), not the claim. The margin 0.01 leaves 0.026 (about 0.75 seed sd)
+    # below seed 0's gain for numeric drift across platforms. SGD's largest |rate| on seed 0
+    # is 0.003 = 0.07 of SAM's largest |rate| 0.047 (seeds 0-5: at most 0.36 of it, seed 5);
+    # asserted below 0.2 of it.
+    assert s["lora_rate_sam@0.3,4"] - s["lora_rate_sam@0,4"] > 0.01
+    assert s["lora_gain_sam"] == pytest.approx(s["lora_rate_sam@0.3,4"] - s["lora_rate_sam@0,4"])
+    sam_max = max(abs(v) for k, v in s.items() if k.startswith("lora_rate_sam"))
+    assert max(abs(v) for k, v in s.items() if k.startswith("lora_rate_sgd")) < 0.2 * sam_max
     assert any(p.endswith(".png") for p in report.figures)
 
 
-def test_verdict_can_fail() -> None:
-    def stats(top: float) -> dict[str, Stat]:
-        out = {}
+def _stats(toy_top: float = 0.3, lora_top: float | None = 0.0) -> dict[str, Stat]:
+    out = {}
+    for p in ("0", "0.3"):
+        for k in ("1", "10"):
+            v = toy_top if (p, k) == ("0.3", "10") else 0.1
+            out[f"rate_sam@{p},{k}"] = Stat(v, v - 0.01, v + 0.01, 3)
+            out[f"rate_sgd@{p},{k}"] = Stat(0.0, -0.001, 0.001, 3)
+    if lora_top is not None:
         for p in ("0", "0.3"):
-            for k in ("1", "10"):
-                v = top if (p, k) == ("0.3", "10") else 0.1
-                out[f"rate_sam@{p},{k}"] = Stat(v, v - 0.01, v + 0.01, 3)
-                out[f"rate_sgd@{p},{k}"] = Stat(0.0, -0.001, 0.001, 3)
-        return out
+            for k in ("2", "4"):
+                v = lora_top if (p, k) == ("0.3", "4") else -0.04
+                out[f"lora_rate_sam@{p},{k}"] = Stat(v, v - 0.01, v + 0.01, 3)
+                out[f"lora_rate_sgd@{p},{k}"] = Stat(-0.001, -0.002, 0.0, 3)
+    return out
 
-    assert decide(stats(0.3)).holds is True
-    assert decide(stats(0.1)).holds is False
+
+def test_verdict_can_fail() -> None:
+    # toy arm alone (a report without the LoRA arm's numbers)
+    assert decide(_stats(0.3, None)).holds is True
+    assert decide(_stats(0.1, None)).holds is False
+    # both arms respond
+    assert decide(_stats(0.3, 0.0)).holds is True
+    # the LoRA arm's SAM rate does not respond: not supported, even with the toy responding
+    verdict = decide(_stats(0.3, -0.04))
+    assert verdict.holds is False
+    assert "LoRA" in verdict.statement and "not supported" in verdict.statement
+    # right direction, overlapping CIs: inconclusive
+    assert decide(_stats(0.3, -0.035)).holds is None
+    # the toy fails, the LoRA arm responds: not supported
+    assert decide(_stats(0.1, 0.0)).holds is False
+
+
+def test_verdict_fails_when_sgd_responds_on_lora() -> None:
+    stats = _stats(0.3, 0.0)
+    stats["lora_rate_sgd@0.3,4"] = Stat(0.02, 0.015, 0.025, 3)
+    assert decide(stats).holds is False
 
 
 def test_bad_config_is_refused() -> None:
+    exp = EXPERIMENTS["outlier_injection"]
     with pytest.raises(ValueError, match="fractions"):
-        EXPERIMENTS["outlier_injection"].config("test", fractions=(0.0, 1.5))
+        exp.config("test", fractions=(0.0, 1.5))
     with pytest.raises(ValueError, match="strengths"):
-        EXPERIMENTS["outlier_injection"].config("test", strengths=(0.5, 2.0))
+        exp.config("test", strengths=(0.5, 2.0))
+    with pytest.raises(ValueError, match="lora_fractions"):
+        exp.config("test", lora_fractions=(0.1, 0.3))  # no p = 0 baseline
+    with pytest.raises(ValueError, match="lora_fractions"):
+        exp.config("test", lora_fractions=(0.0, 1.0))
+    with pytest.raises(ValueError, match="lora_strengths"):
+        exp.config("test", lora_strengths=(0.0, 2.0))
+    with pytest.raises(ValueError, match="lora_targets"):
+        exp.config("test", lora_targets=("1",))
+    with pytest.raises(ValueError, match="lora_lr"):
+        exp.config("test", lora_lr=0.0)
+    with pytest.raises(ValueError, match="lora_rho"):
+        exp.config("test", lora_rho=-0.1)
+    with pytest.raises(ValueError, match="lora_steps"):
+        exp.config("test", lora_steps=0)
+    with pytest.raises(ValueError, match="lora_init_scale"):
+        exp.config("test", lora_init_scale=0.0)
