@@ -88,9 +88,9 @@ report without the LoRA arm's numbers is judged on the toy arm alone.
 NOP need not balance) and the rate rises with ``p`` and ``k`` on most seeds, but
 the effect is weak against the seed-to-seed spread of the pretrained base: the
 paired gain (rate at p = 0.3, k = 4 minus at p = 0) was 0.031, 0.047, 0.032,
-0.052, -0.007, -0.046, 0.026, -0.011, 0.021, 0.033 on seeds 0-9, and with the
-default three seeds the unpaired CIs overlap, so that arm comes out
-inconclusive. SGD's rates stay below 0.01 (``lora_sgd_drift_ratio`` about 0.07).
+0.052, -0.006, -0.046, 0.026, -0.011, 0.021, 0.033 on seeds 0-9 (mean 0.018,
+95% CI [-0.004, 0.039]), and with the default three seeds the unpaired CIs
+overlap, so that arm comes out inconclusive. SGD's rates stay below 0.01 (``lora_sgd_drift_ratio`` about 0.07).
 Adapting all three layers and summing |B| gave no response at all, and the
 hidden 64x64 layer responded non-monotonically with large seed spread (probes
 before this design).
