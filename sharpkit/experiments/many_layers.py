@@ -65,6 +65,7 @@ from sharpkit.balance import LoRALinear, balancedness, find_pairs
 from sharpkit.optim import BAR, SAM
 
 from ._core import Experiment, ExperimentConfig, RunResult, Stat, Verdict, check, make_result
+from ._train import train_step
 
 __all__ = ["EXPERIMENT", "SLOW_RATIO", "ManyLayersConfig", "decide", "run"]
 
@@ -184,22 +185,15 @@ def _train(cfg: ManyLayersConfig, depth: int, opt_name: str) -> tuple[list[list[
     for t in range(cfg.steps):
         x = torch.randn(cfg.batch_size, cfg.width, generator=data_gen)
         y = x @ teacher.T + cfg.noise * torch.randn(cfg.batch_size, cfg.width, generator=data_gen)
-        x, y = x.to(device), y.to(device)
-
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            loss = 0.5 * ((model(x) - y) ** 2).sum(1).mean()
-            loss.backward()
-            return loss
-
-        if opt_name == "sam":
-            opt.step(closure)
-        else:
-            closure()
-            opt.step()
+        train_step(opt, model, _half_squared_error, (x.to(device), y.to(device)))
         if (t + 1) % cfg.record_every == 0 or t + 1 == cfg.steps:
             history.append([balancedness(p) for p in pairs])
     return history, (time.perf_counter() - t0) / cfg.steps
+
+
+def _half_squared_error(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return 0.5 * ((model(x) - y) ** 2).sum(1).mean()
 
 
 def _drop(history: list[list[float]]) -> float:

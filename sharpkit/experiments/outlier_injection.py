@@ -113,6 +113,7 @@ from sharpkit.data import load_digits
 from sharpkit.optim import SAM
 
 from ._core import Experiment, ExperimentConfig, RunResult, Stat, Verdict, check, make_result
+from ._train import train_step
 from .lora_digits import LoRADigitsConfig, _mlp, _pretrain
 
 __all__ = [
@@ -312,6 +313,10 @@ def _lora_cfg(cfg: OutlierInjectionConfig) -> LoRADigitsConfig:
     )
 
 
+def _cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
 def _lora_run(cfg, lcfg, method, base_state, data, x, device) -> tuple[float, float, list[float]]:
     """Adapt with SAM or SGD on inputs ``x``; return the rate, the mean gradient norm
     and the per-layer B at the start."""
@@ -329,7 +334,6 @@ def _lora_run(cfg, lcfg, method, base_state, data, x, device) -> tuple[float, fl
         opt = SAM(params, torch.optim.SGD, rho=cfg.lora_rho, lr=cfg.lora_lr)
     else:
         opt = torch.optim.SGD(params, lr=cfg.lora_lr)
-    loss_fn = nn.CrossEntropyLoss()
     n = x.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 2)).to(device)
     batches = [perm[i : i + cfg.lora_batch_size] for i in range(0, n, cfg.lora_batch_size)]
@@ -337,21 +341,9 @@ def _lora_run(cfg, lcfg, method, base_state, data, x, device) -> tuple[float, fl
     norms = []
     for t in range(cfg.lora_steps):
         idx = batches[t % len(batches)]
-        xb, yb = x[idx], data.y_train[idx]
-
-        def closure(xb=xb, yb=yb):
-            opt.zero_grad()
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            return loss
-
-        if method == "sam":
-            opt.step(closure)
-        else:
-            closure()
-            if t % 10 == 0:
-                norms.append(float(torch.sqrt(sum(q.grad.pow(2).sum() for q in params))))
-            opt.step()
+        train_step(opt, model, _cross_entropy, (x[idx], data.y_train[idx]))
+        if method == "sgd" and t % 10 == 0:  # SGD leaves the step's gradient in .grad
+            norms.append(float(torch.sqrt(sum(q.grad.pow(2).sum() for q in params))))
     b_end = [balancedness(pair) for pair in pairs]
     rate = math.log(sum(map(abs, b0)) / sum(map(abs, b_end))) / (cfg.lora_lr * cfg.lora_steps)
     return rate, (sum(norms) / len(norms) if norms else math.nan), b0
