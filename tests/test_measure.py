@@ -97,6 +97,7 @@ def test_user_spec_module_and_esd(tmp_path, spec) -> None:
     doc = json.loads((out / "report.json").read_text())
     assert doc["metrics"]["esd"]["protocol"]["extra"]["runs"] == 2
     assert doc["metrics"]["trace"]["protocol"]["batches"] == 3
+    assert doc["metrics"]["trace"]["protocol"]["extra"]["hvp"] == "rev-rev"
     assert (out / "esd.png").exists() and not (out / "landscape_1d.png").exists()
 
 
@@ -141,6 +142,10 @@ def test_refusals(tmp_path, spec, capsys) -> None:
         ["measure", good, "--model", f"{spec}:not_a_model", *base[2:]], capsys, "not an nn.Module"
     )
     _refused(["measure", good, *base, "--set", "worst_case.rho"], capsys, "--set")
+    # a known crash of torch's tracer is refused, not run
+    _refused(
+        ["measure", good, *base, "--loss", "mse", "--hvp", "linearize"], capsys, "--hvp linearize"
+    )
     # a pickle whose loading would create a file: refused, and the file never appears
     target = tmp_path / "pwned"
     torch.save({"0.weight": torch.zeros(8, 6), "x": _Evil(target)}, tmp_path / "evil.pt")

@@ -85,6 +85,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="CPU intra-op threads (default: torch's choice; 1 for --demo, whose tiny "
         "model only loses to thread synchronisation, badly so on a busy machine)",
     )
+    p.add_argument(
+        "--hvp",
+        default="auto",
+        choices=("auto", "rev-rev", "fwd-rev", "linearize"),
+        help="Hessian-vector products: auto (cached double backward), or linearize (a "
+        "torch.func trace per batch: faster products on CNNs and transformers, more "
+        "memory; not with --loss mse, which crashes torch 2.13's tracer)",
+    )
     p.add_argument("--out", type=Path, default=Path("sharpkit-out/measure"), help="output folder")
     p.add_argument("--no-landscape", action="store_true", help="skip the landscape figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -176,6 +184,16 @@ def _load_loss(spec: str) -> Any:
         raise
     except Exception as err:
         raise BadInput(f"--loss: calling {spec!r} failed: {err}") from None
+
+
+def _check_hvp(hvp: str, loss: Any) -> None:
+    from torch import nn
+
+    if hvp == "linearize" and isinstance(loss, nn.MSELoss):
+        raise BadInput(
+            "--hvp linearize: torch 2.13's tracer crashes the process (segmentation fault) "
+            "on nn.MSELoss; use --hvp auto"
+        )
 
 
 def _parse_metrics(text: str) -> list[str]:
@@ -339,6 +357,7 @@ def _validate(args: Any) -> tuple[Any, Any, list[Any], Any]:
     if not args.data:
         raise BadInput("--data: required with a CHECKPOINT ('digits' or a spec)")
     loss = _load_loss(args.loss)
+    _check_hvp(args.hvp, loss)
     data = _load_data(args.data, args.batch_size)
     models = [_load_into(args.model, c) for c in args.checkpoints]
     return loss, data, models, None
@@ -401,7 +420,7 @@ def _measure(args: Any, loss: Any, data: Any, models: list[Any], out: Path, prog
         for i, model in enumerate(models):
             rep = measure_sharpness(
                 model, loss, data, args.metric_names, options=args.options, seed=args.seed,
-                device=args.device_obj, dtype=args.dtype_obj, progress=progress,
+                device=args.device_obj, dtype=args.dtype_obj, hvp=args.hvp, progress=progress,
             )  # fmt: skip
             reports.append(rep)
             if len(models) > 1:

@@ -26,7 +26,6 @@ References:
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ from torch.func import functional_call
 
 from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch
 from sharpkit._device import resolve_device
+from sharpkit._quiet import torch_internal_notices_hidden
 from sharpkit.io.results import MeasurementProtocol
 
 __all__ = ["HVP_IMPLEMENTATIONS", "HessianOperator"]
@@ -58,13 +58,6 @@ HVP_IMPLEMENTATIONS = ("rev-rev", "fwd-rev", "linearize")
 # (no GPU was lent): rev-rev until a measurement says otherwise.
 _DEFAULT_HVP = {"cpu": "rev-rev", "cuda": "rev-rev"}
 _CACHING = ("rev-rev", "linearize")
-
-# torch's tracer warns about its own internals (torch.jit.script deprecation, an
-# fx constant-folding notice); they say nothing about the user's model.
-_TRACER_NOISE = (
-    r"`torch\.jit\.script` is deprecated",
-    r"Attempted to insert a get_attr Node with no underlying reference",
-)
 
 _MODES = ("eval", "train")
 
@@ -372,7 +365,8 @@ class HessianOperator:
         def grad_fn(*ps: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return torch.func.grad(loss_of, argnums=argnums)(*ps)
 
-        _, hv = torch.func.jvp(grad_fn, tuple(self._params.values()), tuple(vs))
+        with torch_internal_notices_hidden():
+            _, hv = torch.func.jvp(grad_fn, tuple(self._params.values()), tuple(vs))
         return list(hv)
 
     def _linearize(self, batch: Any) -> Callable[..., Any]:
@@ -382,9 +376,7 @@ class HessianOperator:
         def grad_map(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return torch.func.grad(lambda p: self._loss(p, batch))(params)
 
-        with warnings.catch_warnings():
-            for pattern in _TRACER_NOISE:
-                warnings.filterwarnings("ignore", message=pattern)
+        with torch_internal_notices_hidden():
             _, jvp_fn = torch.func.linearize(grad_map, dict(self._params))
 
         def product(vs: list[torch.Tensor]) -> list[torch.Tensor]:

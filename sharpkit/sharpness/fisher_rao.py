@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
+from sharpkit._quiet import torch_internal_notices_hidden
 from sharpkit.sharpness._objective import (
     Cost,
     MetricResult,
@@ -96,7 +97,7 @@ def _fisher_rao(obj: Objective, *, fisher: str, seed: int | torch.Generator | No
 
     values = []
     for b, n in zip(obj.batches, obj.sizes):
-        with torch.no_grad():
+        with torch.no_grad(), torch_internal_notices_hidden():
             out, tangent = jvp(losses_of(b), primals, primals)
         if out.dim() != 1 or out.shape[0] != n:
             raise ValueError(

@@ -264,6 +264,7 @@ def measure_sharpness(
     mode: str = "eval",
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    hvp: str = "auto",
     progress: bool = False,
 ) -> SharpnessReport:
     """Measure a set of sharpness metrics and curvature quantities of ``model``.
@@ -280,6 +281,11 @@ def measure_sharpness(
         seed: one seed for every stochastic metric (recorded in each protocol).
         params, mode, dtype, device: parameters measured, module mode, compute dtype
             and device (a private copy of the model).
+        hvp: the Hessian-vector-product implementation of the curvature metrics
+            (:class:`~sharpkit.curvature.HessianOperator`): ``"auto"`` (cached
+            double backward), ``"rev-rev"``, ``"fwd-rev"`` or ``"linearize"`` (faster
+            products on convolutional and attention models after a one-off trace per
+            batch, more memory; crashes torch 2.13 with ``nn.MSELoss``).
         progress: tqdm bars on long loops.
 
     Returns:
@@ -293,6 +299,10 @@ def measure_sharpness(
         >>> sorted(rep.to_dict()["metrics"]), rep.schema_version
         (['average_case', 'lambda_max'], 1)
     """
+    from sharpkit.curvature import HVP_IMPLEMENTATIONS
+
+    if hvp != "auto" and hvp not in HVP_IMPLEMENTATIONS:
+        raise ValueError(f"hvp: expected 'auto' or one of {HVP_IMPLEMENTATIONS}, got {hvp!r}")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"metrics: unknown {unknown}; known: {sorted(METRICS)}")
@@ -338,7 +348,7 @@ def measure_sharpness(
 
                 op = HessianOperator(
                     obj.model, obj.loss_fn, obj.batches, params=obj.names, mode=mode,
-                    dtype=obj.dtype, device=obj.device,
+                    dtype=obj.dtype, device=obj.device, hvp=hvp,
                 )  # fmt: skip
             res = _curvature(name, op, opts, seed, progress)
         elif name.startswith("worst_case"):

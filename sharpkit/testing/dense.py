@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch
+from sharpkit._quiet import torch_internal_notices_hidden
 
 __all__ = ["dense_hessian"]
 
@@ -101,7 +102,8 @@ def dense_hessian(
     model.train(mode == "train")
     try:
         if mode == "eval":
-            hess = torch.func.hessian(objective)(w0)
+            with torch_internal_notices_hidden():
+                hess = torch.func.hessian(objective)(w0)
         else:
             # torch.func.hessian vmaps forward-mode over BatchNorm's in-place running-
             # statistics update in train mode and returns a wrong matrix (checked against

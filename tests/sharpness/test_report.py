@@ -83,3 +83,19 @@ def test_table_and_options(report) -> None:
         measure_sharpness(net, nn.CrossEntropyLoss(), data, ["nope"])
     with pytest.raises(ValueError, match="options"):
         measure_sharpness(net, nn.CrossEntropyLoss(), data, ["worst_case"], options={"x": {}})
+
+
+def test_linearize_products_give_the_same_curvature() -> None:
+    net, data = _float32()
+    H = dense_hessian(net, nn.CrossEntropyLoss(), data)
+    metrics = ["lambda_max", "trace"]
+    rep = measure_sharpness(net, nn.CrossEntropyLoss(), [data], metrics, seed=0, hvp="linearize")
+    assert rep.metrics["lambda_max"].protocol.extra["hvp"] == "linearize"
+    assert rep.metrics["lambda_max"].value == pytest.approx(
+        float(torch.linalg.eigvalsh(H)[-1]), rel=1e-4
+    )
+    default = measure_sharpness(net, nn.CrossEntropyLoss(), [data], metrics, seed=0)
+    # same probes, products equal to float32 rounding
+    assert rep.metrics["trace"].value == pytest.approx(default.metrics["trace"].value, rel=1e-4)
+    with pytest.raises(ValueError, match="hvp"):
+        measure_sharpness(net, nn.CrossEntropyLoss(), [data], metrics, hvp="double-backward")
