@@ -18,12 +18,16 @@ while one SGD step of size :math:`\eta` changes :math:`B` by
 exactly; this is the discretisation error). Per unit time SGD's drift is thus
 about :math:`\eta\|g\|/(2\rho)` of SAM's, small when :math:`\eta\|g\| \ll \rho`.
 
-**Setting, toy arm.** The paper's NOP toy :math:`\tfrac12\|xy^\top - (A + aN)\|_F^2`
-(:class:`~sharpkit.balance.toys.NOPToy`, base noise ``noise``) in which each
-step's sample is, with probability ``p``, an *outlier*: its noise term is scaled
-by ``k``. SAM (radius 0.1, the paper's) and SGD from the paper's start
+**Setting, toy arms.** The paper's NOP toy :math:`\tfrac12\|xy^\top - (A + aN)\|_F^2`
+(:class:`~sharpkit.balance.toys.NOPToy`) and OP toy
+:math:`(x^\top y - (0.5 + a n))^2` (:class:`~sharpkit.balance.toys.OPToy`), base
+noise ``noise``, in which each step's sample is, with probability ``p``, an
+*outlier*: its noise term is scaled by ``k``. SAM (radius 0.1 on NOP, 0.2 on OP,
+the paper's) and SGD from the paper's start
 (:func:`~sharpkit.balance.toys.simulate`, ``runs`` noise streams), over a grid
-of ``p`` and ``k``.
+of ``p`` and ``k``. On OP, Theorem 3's force
+:math:`-2\rho|f'|B/\sqrt{\|x\|^2 + \|y\|^2}` grows with :math:`E|f'|`, which
+the outliers raise.
 
 **Setting, LoRA arm (real data).** The MLP 64-``lora_hidden``-``lora_hidden``-5
 of :mod:`~sharpkit.experiments.lora_digits` is pretrained on digits 0-4
@@ -59,15 +63,15 @@ seed, so the outlier sets are nested in ``p`` and the noise only rescales with
   (reported as ``lora_sgd_drift_ratio``) is well below 1.
 
 **Measured.** The balancing rate :math:`\log(|B_0|/|B_T|)/(\eta T)` per unit of
-time (independent of the step size): ``rate_<method>@p,k`` on the toy (mean over
-runs), ``lora_rate_<method>@p,k`` on the LoRA arm (with
+time (independent of the step size): ``rate_<method>@p,k`` on the NOP toy and
+``op_rate_<method>@p,k`` on the OP toy (means over runs), ``lora_rate_<method>@p,k`` on the LoRA arm (with
 :math:`|B| = \sum_\text{layers}|B_l|`); ``p = 0`` is run once and reported for
 every ``k``. Also ``lora_gain_<method>``, the paired per-seed difference of the
 LoRA rate at the largest ``p, k`` and at ``p = 0``, and
 ``lora_sgd_drift_ratio`` :math:`= \eta \max\overline{\|g\|}/(2\rho)` (mean
 gradient norm along the SGD runs, largest over the grid).
 
-**Verdict.** *Toy arm*: supported when (i) SAM's rate at the largest ``p`` and
+**Verdict.** *Each toy arm* (NOP, OP): supported when (i) SAM's rate at the largest ``p`` and
 ``k`` exceeds its rate without outliers (``p = 0``) by more than the CI of both
 over seeds, (ii) SAM's mean rate does not decrease along ``p`` (for every
 ``k > 1``) nor along ``k`` (for every ``p > 0``), and (iii) SGD does not respond:
@@ -80,10 +84,11 @@ real data SAM's rate can be negative); contradicted when SAM's mean rate at the
 largest ``p, k`` is not above its ``p = 0`` mean, or SGD's rate is not small;
 inconclusive otherwise (right direction, overlapping CIs). Monotonicity along
 the grid is reported by the heat map, not required. The experiment is supported
-when both arms are, not supported when either is not, inconclusive otherwise; a
-report without the LoRA arm's numbers is judged on the toy arm alone.
+when every arm is, not supported when any is not, inconclusive otherwise; a
+report without the OP or LoRA arm's numbers is judged on the arms it has.
 
-**Observed (small scale, CPU).** The toy arm responds clearly. On the LoRA arm
+**Observed (small scale, CPU).** Both toy arms respond clearly (OP: SAM's rate
+0.35 without outliers, 0.94 at p = 0.3, k = 10). On the LoRA arm
 |B| *grows* under SAM without outliers (rate about -0.03: with clean data SAM on
 NOP need not balance) and the rate rises with ``p`` and ``k`` on most seeds, but
 the effect is weak against the seed-to-seed spread of the pretrained base: the
@@ -108,7 +113,7 @@ import torch
 from torch import nn
 
 from sharpkit.balance import add_lora, balancedness, find_pairs
-from sharpkit.balance.toys import NOPToy, simulate
+from sharpkit.balance.toys import NOPToy, OPToy, simulate
 from sharpkit.data import load_digits
 from sharpkit.optim import SAM
 
@@ -120,6 +125,7 @@ __all__ = [
     "EXPERIMENT",
     "OutlierInjectionConfig",
     "OutlierNOPToy",
+    "OutlierOPToy",
     "decide",
     "draw_outliers",
     "inject_outliers",
@@ -130,6 +136,8 @@ __all__ = [
 SGD_FRACTION = 0.1
 #: the paper's SAM radius on the NOP toy (Appendix A.4)
 _RHO = 0.1
+#: the paper's SAM radius on the OP toy (Appendix A.4)
+_OP_RHO = 0.2
 #: the linear layers of the lora_digits MLP that may carry adapters
 _LAYERS = ("0", "2", "4")
 
@@ -148,6 +156,22 @@ class OutlierNOPToy(NOPToy):
         outlier = torch.rand(batch_shape, generator=self.generator, dtype=self.dtype) < self.p
         scale = torch.where(outlier, self.k, 1.0)[..., None, None]
         return self.A + scale * (target - self.A)
+
+
+class OutlierOPToy(OPToy):
+    """The OP toy whose samples are outliers with probability ``p``: noise scaled by ``k``
+    (the target ``0.5 + a n`` becomes ``0.5 + k a n``)."""
+
+    def __init__(self, noise: float, p: float, k: float, *, generator: torch.Generator) -> None:
+        super().__init__(noise=noise, generator=generator)
+        self.p, self.k = float(p), float(k)
+
+    def sample_target(self, batch_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        target = super().sample_target(batch_shape)
+        if self.p == 0.0 or self.k == 1.0:
+            return target
+        outlier = torch.rand(batch_shape, generator=self.generator, dtype=self.dtype) < self.p
+        return 0.5 + torch.where(outlier, self.k, 1.0) * (target - 0.5)
 
 
 def draw_outliers(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,18 +312,23 @@ def _key(method: str, p: float, k: float) -> str:
     return f"rate_{method}@{p:g},{k:g}"
 
 
+#: the toy arms: key prefix, toy class, the paper's SAM radius
+_TOYS = (("", OutlierNOPToy, _RHO), ("op_", OutlierOPToy, _OP_RHO))
+
+
 def _toy_arm(cfg: OutlierInjectionConfig, summary: dict[str, float]) -> None:
-    gen = torch.Generator().manual_seed(cfg.seed)
     horizon = cfg.lr * cfg.steps
-    for p, k in itertools.product(cfg.fractions, cfg.strengths):
-        for method in ("sam", "sgd"):
-            toy = OutlierNOPToy(cfg.noise, p, k, generator=gen)
-            traj = simulate(
-                toy, method, steps=cfg.steps, lr=cfg.lr, rho=_RHO, runs=cfg.runs,
-                record_every=cfg.steps,
-            ).balancedness  # fmt: skip
-            rates = np.log(np.abs(traj[0]) / np.abs(traj[-1])) / horizon
-            summary[_key(method, p, k)] = float(np.mean(rates))
+    for prefix, toy_cls, rho in _TOYS:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for p, k in itertools.product(cfg.fractions, cfg.strengths):
+            for method in ("sam", "sgd"):
+                toy = toy_cls(cfg.noise, p, k, generator=gen)
+                traj = simulate(
+                    toy, method, steps=cfg.steps, lr=cfg.lr, rho=rho, runs=cfg.runs,
+                    record_every=cfg.steps,
+                ).balancedness  # fmt: skip
+                rates = np.log(np.abs(traj[0]) / np.abs(traj[-1])) / horizon
+                summary[prefix + _key(method, p, k)] = float(np.mean(rates))
 
 
 def _lora_cfg(cfg: OutlierInjectionConfig) -> LoRADigitsConfig:
@@ -400,11 +429,11 @@ def _grid(stats: dict[str, Stat], prefix: str = "") -> tuple[list[str], list[str
     return ps, ks
 
 
-def _decide_toy(stats: dict[str, Stat]) -> tuple[bool, str, dict[str, float]]:
-    ps, ks = _grid(stats)
+def _decide_toy(stats: dict[str, Stat], prefix: str = "") -> tuple[bool, str, dict[str, float]]:
+    ps, ks = _grid(stats, prefix)
 
     def s(method: str, p: str, k: str) -> Stat:
-        return stats[f"rate_{method}@{p},{k}"]
+        return stats[f"{prefix}rate_{method}@{p},{k}"]
 
     top, base = s("sam", ps[-1], ks[-1]), s("sam", ps[0], ks[-1])
     top_lo = top.ci_low if top.has_ci else top.mean
@@ -431,7 +460,8 @@ def _decide_toy(stats: dict[str, Stat]) -> tuple[bool, str, dict[str, float]]:
         f"|rate| {sgd_max:.3g} = {sgd_max / sam_max if sam_max > 0 else math.inf:.3f} of SAM's "
         f"largest {sam_max:.3g} (threshold {SGD_FRACTION})."
     )
-    return holds, statement, {"sam_top": top.mean, "sam_base": base.mean, "sgd_max": sgd_max}
+    numbers = {"sam_top": top.mean, "sam_base": base.mean, "sgd_max": sgd_max}
+    return holds, statement, {prefix + k: v for k, v in numbers.items()}
 
 
 def _decide_lora(stats: dict[str, Stat]) -> tuple[bool | None, str, dict[str, float]]:
@@ -470,31 +500,36 @@ def _decide_lora(stats: dict[str, Stat]) -> tuple[bool | None, str, dict[str, fl
 
 
 def decide(stats: dict[str, Stat]) -> Verdict:
+    """Supported when every arm in ``stats`` is (NOP toy always; OP toy and LoRA when
+    present), not supported when any arm is not, inconclusive otherwise."""
     label = {True: "supported", False: "not supported", None: "inconclusive"}
-    toy, toy_text, numbers = _decide_toy(stats)
-    if not any(k.startswith("lora_rate_sam@") for k in stats):
-        return Verdict(holds=toy, statement=f"Toy arm: {toy_text}", numbers=numbers)
-    lora, lora_text, lora_numbers = _decide_lora(stats)
-    if toy is False or lora is False:
-        holds: bool | None = False
-    elif toy is True and lora is True:
+    arms: list[tuple[str, bool | None, str, dict[str, float]]] = []
+    arms.append(("NOP toy", *_decide_toy(stats)))
+    if any(k.startswith("op_rate_sam@") for k in stats):
+        arms.append(("OP toy", *_decide_toy(stats, "op_")))
+    if any(k.startswith("lora_rate_sam@") for k in stats):
+        arms.append(("LoRA on digits", *_decide_lora(stats)))
+    verdicts = [held for _, held, _, _ in arms]
+    holds: bool | None
+    if any(v is False for v in verdicts):
+        holds = False
+    elif all(v is True for v in verdicts):
         holds = True
     else:
         holds = None
     return Verdict(
         holds=holds,
-        statement=(
-            f"Toy arm ({label[toy]}): {toy_text} LoRA on digits arm ({label[lora]}): {lora_text}"
-        ),
-        numbers={**numbers, **lora_numbers},
+        statement=" ".join(f"{name} ({label[held]}): {text}" for name, held, text, _ in arms),
+        numbers={k: v for _, _, _, nums in arms for k, v in nums.items()},
     )
 
 
 def _setting(cfg: OutlierInjectionConfig) -> str:
     return (
-        f"Toy arm: paper's NOP toy, base noise a = {cfg.noise:g}, outliers with probability p in "
-        f"{list(cfg.fractions)} scaling the noise by k in {list(cfg.strengths)}; SAM (rho 0.1) "
-        f"and SGD, lr {cfg.lr:g}, {cfg.steps} steps, {cfg.runs} noise streams per point. "
+        f"Toy arms: the paper's NOP and OP toys, base noise a = {cfg.noise:g}, outliers with "
+        f"probability p in {list(cfg.fractions)} scaling the noise by k in "
+        f"{list(cfg.strengths)}; SAM (rho {_RHO:g} on NOP, {_OP_RHO:g} on OP, the paper's) and "
+        f"SGD, lr {cfg.lr:g}, {cfg.steps} steps, {cfg.runs} noise streams per point. "
         f"LoRA arm: MLP 64-{cfg.lora_hidden}-{cfg.lora_hidden}-5 pretrained on digits 0-4 "
         f"({cfg.lora_pretrain_epochs} Adam epochs), frozen; LoRA (rank {cfg.lora_rank}, alpha "
         f"{cfg.lora_alpha:g}, A scaled by {cfg.lora_init_scale:g} at the start) on layer(s) "
@@ -517,7 +552,7 @@ EXPERIMENT = Experiment(
     title="Outlier injection: data-responsive balancing",
     claim=(
         "SAM's balancing of two-factor problems speeds up with the fraction p and strength k of "
-        "outliers in the data (NOP toy, and LoRA on the digits); SGD does not respond."
+        "outliers in the data (NOP and OP toys, and LoRA on the digits); SGD does not respond."
     ),
     source="Li, Zhang, He (NeurIPS 2024), data-responsiveness of SAM's implicit regularisation; PAPERS.md section 4.",
     config_cls=OutlierInjectionConfig,

@@ -1,4 +1,4 @@
-"""Experiment 2: outlier injection on the NOP toy and on LoRA adapters on the digits."""
+"""Experiment 2: outlier injection on the NOP and OP toys and on LoRA adapters on the digits."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from sharpkit.experiments import EXPERIMENTS, Stat, run_experiment
 from sharpkit.experiments.outlier_injection import (
     OutlierNOPToy,
+    OutlierOPToy,
     decide,
     draw_outliers,
     inject_outliers,
@@ -20,6 +21,16 @@ def test_outliers_scale_the_noise_with_the_given_frequency() -> None:
     t = toy.sample_target((20000,)) - toy.A
     big = t.abs().amax(dim=(-1, -2)) > 8.0  # plain samples: |a N| < 6 almost surely
     assert abs(big.double().mean().item() - 0.3) < 0.02
+
+
+def test_op_outliers_scale_the_noise_with_the_given_frequency() -> None:
+    toy = OutlierOPToy(1.0, 0.3, 10.0, generator=torch.Generator().manual_seed(0))
+    t = toy.sample_target((20000,)) - 0.5
+    big = t.abs() > 8.0  # plain samples: |a n| < 6 almost surely; outliers 10 |a n| > 8 w.p. 0.42
+    share = 0.3 * 2 * float(torch.distributions.Normal(0.0, 1.0).cdf(torch.tensor(-0.8)))
+    assert abs(big.double().mean().item() - share) < 0.015
+    plain = OutlierOPToy(1.0, 0.0, 10.0, generator=torch.Generator().manual_seed(0))
+    assert abs(float(plain.sample_target((20000,)).std()) - 1.0) < 0.03
 
 
 def test_input_outliers_hit_the_requested_fraction_and_strength() -> None:
@@ -48,6 +59,10 @@ def test_sam_responds_sgd_does_not_at_test_scale(tmp_path) -> None:
     # k = 10; SGD's at most 0.004. Asserted with wide margins:
     assert s["rate_sam@0.3,10"] > 1.5 * s["rate_sam@0,10"]
     assert max(abs(v) for k, v in s.items() if k.startswith("rate_sgd")) < 0.03
+    # OP toy. Measured (seed 0): SAM's rate 0.396 without outliers, 0.918 at p = 0.3,
+    # k = 10 (small scale, 3 seeds: 0.35 and 0.94); SGD's at most 0.008.
+    assert s["op_rate_sam@0.3,10"] > 1.5 * s["op_rate_sam@0,10"]
+    assert max(abs(v) for k, v in s.items() if k.startswith("op_rate_sgd")) < 0.05
     # LoRA arm. Measured at test scale, seeds 0-5: SAM's rate at p = 0.3, k = 4 minus at
     # p = 0 (the paired gain) 0.036, 0.048, 0.033, 0.050, -0.004, -0.044 (mean 0.020, sd
     # 0.035): the effect is weak and seed-dependent, so this guards the fixed seed 0 only
@@ -62,13 +77,18 @@ def test_sam_responds_sgd_does_not_at_test_scale(tmp_path) -> None:
     assert any(p.endswith(".png") for p in report.figures)
 
 
-def _stats(toy_top: float = 0.3, lora_top: float | None = 0.0) -> dict[str, Stat]:
+def _stats(
+    toy_top: float = 0.3, lora_top: float | None = 0.0, op_top: float | None = None
+) -> dict[str, Stat]:
     out = {}
-    for p in ("0", "0.3"):
-        for k in ("1", "10"):
-            v = toy_top if (p, k) == ("0.3", "10") else 0.1
-            out[f"rate_sam@{p},{k}"] = Stat(v, v - 0.01, v + 0.01, 3)
-            out[f"rate_sgd@{p},{k}"] = Stat(0.0, -0.001, 0.001, 3)
+    for prefix, top in (("", toy_top), ("op_", op_top)):
+        if top is None:
+            continue
+        for p in ("0", "0.3"):
+            for k in ("1", "10"):
+                v = top if (p, k) == ("0.3", "10") else 0.1
+                out[f"{prefix}rate_sam@{p},{k}"] = Stat(v, v - 0.01, v + 0.01, 3)
+                out[f"{prefix}rate_sgd@{p},{k}"] = Stat(0.0, -0.001, 0.001, 3)
     if lora_top is not None:
         for p in ("0", "0.3"):
             for k in ("2", "4"):
@@ -92,6 +112,10 @@ def test_verdict_can_fail() -> None:
     assert decide(_stats(0.3, -0.035)).holds is None
     # the toy fails, the LoRA arm responds: not supported
     assert decide(_stats(0.1, 0.0)).holds is False
+    # the OP toy arm counts too
+    assert decide(_stats(0.3, 0.0, op_top=0.3)).holds is True
+    verdict = decide(_stats(0.3, 0.0, op_top=0.1))
+    assert verdict.holds is False and "OP toy (not supported)" in verdict.statement
 
 
 def test_verdict_fails_when_sgd_responds_on_lora() -> None:

@@ -24,11 +24,13 @@ def _grids(report, prefix: str, ps: list[float], ks: list[float]) -> dict[str, n
 
 def plot(report, out_dir: str | Path) -> list[Path]:
     """Heat maps of the balancing rate (mean over seeds) over the outlier fraction p and
-    strength k, SAM and SGD side by side on the same colour scale: the NOP toy in the top
-    row and, when the report has it, LoRA on the digits in the bottom row (a diverging
-    scale centred at 0 there, since SAM's rate can be negative on real data)."""
+    strength k, SAM and SGD side by side on the same colour scale, one row per arm: the
+    NOP toy, the OP toy and LoRA on the digits (those present in the report; a diverging
+    scale centred at 0 where a rate is negative, as SAM's can be on real data)."""
     series = report.runs[0].series
     rows = [("", series["fractions"], series["strengths"], "NOP toy", "noise x k")]
+    if any(k.startswith("op_rate_") for k in report.stats):
+        rows.append(("op_", series["fractions"], series["strengths"], "OP toy", "noise x k"))
     if "lora_fractions" in series and any(k.startswith("lora_rate_") for k in report.stats):
         rows.append(
             ("lora_", series["lora_fractions"], series["lora_strengths"], "LoRA on digits",
