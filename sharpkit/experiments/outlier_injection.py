@@ -142,36 +142,40 @@ _OP_RHO = 0.2
 _LAYERS = ("0", "2", "4")
 
 
-class OutlierNOPToy(NOPToy):
-    """The NOP toy whose samples are outliers with probability ``p``: noise scaled by ``k``."""
+class _Outliers:
+    """Mixin for the toys: each sample is an outlier with probability ``p``, and an
+    outlier's noise term is scaled by ``k``."""
 
     def __init__(self, noise: float, p: float, k: float, *, generator: torch.Generator) -> None:
-        super().__init__(noise=noise, generator=generator)
+        super().__init__(noise=noise, generator=generator)  # type: ignore[call-arg]
         self.p, self.k = float(p), float(k)
+
+    def _noise_scale(self, batch_shape: tuple[int, ...]) -> torch.Tensor | None:
+        """``k`` for the outlier samples and 1 for the others; ``None`` if none can be."""
+        if self.p == 0.0 or self.k == 1.0:
+            return None
+        gen, dtype = self.generator, self.dtype  # type: ignore[attr-defined]
+        outlier = torch.rand(batch_shape, generator=gen, dtype=dtype) < self.p
+        return torch.where(outlier, self.k, 1.0)
+
+
+class OutlierNOPToy(_Outliers, NOPToy):
+    """The NOP toy whose samples are outliers with probability ``p``: noise scaled by ``k``."""
 
     def sample_target(self, batch_shape: tuple[int, ...] = ()) -> torch.Tensor:
         target = super().sample_target(batch_shape)
-        if self.p == 0.0 or self.k == 1.0:
-            return target
-        outlier = torch.rand(batch_shape, generator=self.generator, dtype=self.dtype) < self.p
-        scale = torch.where(outlier, self.k, 1.0)[..., None, None]
-        return self.A + scale * (target - self.A)
+        scale = self._noise_scale(batch_shape)
+        return target if scale is None else self.A + scale[..., None, None] * (target - self.A)
 
 
-class OutlierOPToy(OPToy):
+class OutlierOPToy(_Outliers, OPToy):
     """The OP toy whose samples are outliers with probability ``p``: noise scaled by ``k``
     (the target ``0.5 + a n`` becomes ``0.5 + k a n``)."""
 
-    def __init__(self, noise: float, p: float, k: float, *, generator: torch.Generator) -> None:
-        super().__init__(noise=noise, generator=generator)
-        self.p, self.k = float(p), float(k)
-
     def sample_target(self, batch_shape: tuple[int, ...] = ()) -> torch.Tensor:
         target = super().sample_target(batch_shape)
-        if self.p == 0.0 or self.k == 1.0:
-            return target
-        outlier = torch.rand(batch_shape, generator=self.generator, dtype=self.dtype) < self.p
-        return 0.5 + torch.where(outlier, self.k, 1.0) * (target - 0.5)
+        scale = self._noise_scale(batch_shape)
+        return target if scale is None else 0.5 + scale * (target - 0.5)
 
 
 def draw_outliers(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
