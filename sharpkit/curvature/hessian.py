@@ -146,16 +146,17 @@ class HessianOperator:
             ``None`` caches when the data is a single batch. Costs the memory of
             the graphs (about the activations of the forward and backward passes).
 
-    **Choice of implementation.** ``"auto"`` is the cached ``"rev-rev"``, the
-    robust choice on every device. ``"linearize"`` (forward-over-reverse on a
-    ``torch.func.linearize`` trace of ``v -> H v``, made once per batch: 0.1-0.8 s
-    for small models, about 1 s more on the first use in a process) computes a
-    product at 1.7-1.8 gradients on the CPU against 1.7-2.1 for the cached double
-    backward (analysis/benchmarks/results/curvature.md), but holds more memory
-    (the traced graph keeps every intermediate: 2-5x the cached graph's peak on
-    those models). Worth it for long runs (trace, spectral density) on
-    convolutional or attention models. Opt in with
-    care: in torch 2.13 the tracer crashes the process (segmentation fault) on
+    **Choice of implementation.** ``"auto"`` is ``"rev-rev"`` (cached for one
+    batch), the robust choice on every device. ``"linearize"``
+    (forward-over-reverse on a ``torch.func.linearize`` trace of ``v -> H v``,
+    made once per batch: 0.1-0.8 s for small models, about 1 s more on the first
+    use in a process) computes a product at 1.8 gradients on the CPU against
+    1.7-2.1 for the cached double backward and 3.3 for the uncached one that
+    several batches get by default (analysis/benchmarks/results/curvature.md),
+    but holds more memory (the trace keeps every intermediate: 2-5x the cached
+    graph's peak on those models). Worth it for long runs (trace, spectral
+    density) on convolutional or attention models. Opt in with care: in torch
+    2.13 the tracer crashes the process (segmentation fault) on
     ``nn.MSELoss``; a model it cannot trace raises ``RuntimeError`` at the first
     product. All implementations agree to rounding (tested against dense
     float64 Hessians).
