@@ -207,6 +207,8 @@ def benchmark_models() -> list[tuple[str, Callable[[], nn.Module], Any, Callable
 
     return [
         ("LoRA MLP 784-512-512-10, batch 128", models.lora_mlp, models.mlp_batch(128), flat_ce),
+        # the same model at a larger batch: how much of the ratio is a fixed per-step cost
+        ("LoRA MLP 784-512-512-10, batch 512", models.lora_mlp, models.mlp_batch(512), flat_ce),
         (
             "LoRA transformer block d=256, seq 64, batch 32",
             models.lora_transformer_block,
