@@ -38,7 +38,7 @@ def test_relu_identity_and_rescaling_invariance() -> None:
     x, y = class_data(n=40)
     f = net(x).detach().requires_grad_(True)
     dl_df = torch.autograd.grad(nn.functional.cross_entropy(f, y, reduction="sum"), f)[0]
-    expected = float((((2 + 1) * (dl_df * f).sum(dim=1)) ** 2).mean().sqrt())
+    expected = float((((2 + 1) * (dl_df * f.detach()).sum(dim=1)) ** 2).mean().sqrt())
     r = fisher_rao_norm(net, nn.CrossEntropyLoss(), (x, y))
     assert r.value == pytest.approx(expected, rel=1e-10)
     other = rescaled(relu_net(1), 2.5)
