@@ -110,7 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few rounds (a smoke test)")
     ap.add_argument("--out", type=Path, default=RESULTS / "optim.md")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rounds, calls = (3, 2) if args.quick else (21, 5)
     rows = []
     for name in MODELS:
