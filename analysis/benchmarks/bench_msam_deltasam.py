@@ -18,7 +18,10 @@ Two parts, one results file (analysis/benchmarks/results/msam_deltasam.md and .j
    label noise 0 / 20 / 50 %, 3 seeds x 6 batches each. Data: three Gaussian
    clusters in 20 dimensions (centres N(0, 0.3^2 I), unit noise), 512 examples.
 
-Run: ``python -m analysis.benchmarks.bench_msam_deltasam [--quick]``.
+Run: ``python -m analysis.benchmarks.bench_msam_deltasam [--quick] [--device cuda]
+[--large]``; on CUDA the larger sizes are timed and the table goes to
+``results/msam_deltasam_cuda.md`` (the quality part is the same small float64
+study on the CPU).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sharpkit._device import resolve_device
 from sharpkit.optim import SAM
 from sharpkit.optim.delta_sam import (
     DeltaSAM,
@@ -162,9 +166,19 @@ def flat_ce(model: Callable[..., Any], batch: Any) -> torch.Tensor:
 
 
 def timing_cases(
-    name: str, factory: Callable[[], nn.Module], batch: Any, per_example: Callable[..., Any]
+    name: str,
+    factory: Callable[[], nn.Module],
+    batch: Any,
+    per_example: Callable[..., Any],
+    device: torch.device | None = None,
 ) -> list[Case]:
     kw = {"lr": 0.01, "momentum": 0.9}
+    device = device or torch.device("cpu")
+    batch = tuple(t.to(device) for t in batch)
+    base_factory = factory
+
+    def factory() -> nn.Module:  # every optimizer gets its own copy, on the device
+        return base_factory().to(device)
 
     def trainable(m: nn.Module) -> list[torch.Tensor]:
         return [p for p in m.parameters() if p.requires_grad]
@@ -201,10 +215,28 @@ def timing_cases(
     return cases
 
 
-def benchmark_models() -> list[tuple[str, Callable[[], nn.Module], Any, Callable[..., Any]]]:
-    """(label, model factory, batch, per-example loss) for the two LoRA benchmark models."""
+def benchmark_models(
+    large: bool = False,
+) -> list[tuple[str, Callable[[], nn.Module], Any, Callable[..., Any]]]:
+    """(label, model factory, batch, per-example loss) for the LoRA benchmark models;
+    ``large``: the GPU sizes (those of bench_bar's ``--large``)."""
     from . import models
 
+    if large:
+        return [
+            (
+                "LoRA MLP 4096-4096-4096-10, batch 512",
+                lambda: models.lora_mlp(in_features=4096, hidden=4096),
+                models.mlp_batch(512, in_features=4096),
+                flat_ce,
+            ),
+            (
+                "LoRA transformer block d=1024 h16, seq 256, batch 32",
+                lambda: models.lora_transformer_block(dim=1024, heads=16),
+                models.sequence_batch(32, seq_len=256, dim=1024),
+                flat_ce,
+            ),
+        ]
     return [
         ("LoRA MLP 784-512-512-10, batch 128", models.lora_mlp, models.mlp_batch(128), flat_ce),
         # the same model at a larger batch: how much of the ratio is a fixed per-step cost
@@ -223,7 +255,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="few rounds and seeds (a smoke test)")
     ap.add_argument("--out", type=Path, default=RESULTS / "msam_deltasam.md")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--large", action="store_true", help="the larger (GPU) sizes")
     args = ap.parse_args(argv)
+    device = resolve_device(args.device)
+    large = args.large or device.type == "cuda"
+    if args.out == RESULTS / "msam_deltasam.md" and device.type != "cpu":
+        args.out = RESULTS / f"msam_deltasam_{device.type}.md"
     seeds, batches = (1, 2) if args.quick else (3, 6)
     qual = quality(seeds, batches)
     qtable = quality_table(qual, seeds, batches)
@@ -232,14 +270,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     rounds, calls = (3, 2) if args.quick else (15, 4)
     rows = []
-    for name, factory, batch, per_example in benchmark_models():
-        rows += compare(timing_cases(name, factory, batch, per_example), "SAM", rounds=rounds,
-                        calls=calls)  # fmt: skip
+    for name, factory, batch, per_example in benchmark_models(large):
+        cases = timing_cases(name, factory, batch, per_example, device)
+        rows += compare(cases, "SAM", rounds=rounds, calls=calls, device=device)
     write_table(
         rows,
         args.out,
-        title="mSAM and delta-SAM step time (CPU), ratio to SAM",
-        machine=machine_info(),
+        title=f"mSAM and delta-SAM step time ({device.type.upper()}), ratio to SAM",
+        machine=machine_info(device),
         notes=[
             "Targets: vectorised mSAM (m = 4, 8) <= 1.15x SAM; delta-SAM with probes "
             "<= 1.3x SAM. All optimizers: SGD with momentum as base, rho = 0.05, only "
