@@ -187,13 +187,10 @@ def _load_loss(spec: str) -> Any:
 
 
 def _check_hvp(hvp: str, loss: Any) -> None:
-    from torch import nn
+    from sharpkit.curvature.hessian import linearize_blocker
 
-    if hvp == "linearize" and isinstance(loss, nn.MSELoss):
-        raise BadInput(
-            "--hvp linearize: torch 2.13's tracer crashes the process (segmentation fault) "
-            "on nn.MSELoss; use --hvp auto"
-        )
+    if hvp == "linearize" and (why := linearize_blocker(loss)) is not None:
+        raise BadInput(f"--hvp linearize: {why}")
 
 
 def _parse_metrics(text: str) -> list[str]:

@@ -38,7 +38,7 @@ from sharpkit._device import resolve_device
 from sharpkit._quiet import torch_internal_notices_hidden
 from sharpkit.io.results import MeasurementProtocol
 
-__all__ = ["HVP_IMPLEMENTATIONS", "HessianOperator"]
+__all__ = ["HVP_IMPLEMENTATIONS", "HessianOperator", "linearize_blocker"]
 
 #: Hessian-vector-product implementations: reverse-over-reverse (double backward,
 #: the gradient graph of a single batch is cached and reused), torch.func
@@ -60,6 +60,22 @@ _DEFAULT_HVP = {"cpu": "rev-rev", "cuda": "rev-rev"}
 _CACHING = ("rev-rev", "linearize")
 
 _MODES = ("eval", "train")
+
+
+def linearize_blocker(loss_fn: Any) -> str | None:
+    """Why ``hvp="linearize"`` must not run with ``loss_fn``, or ``None``.
+
+    Tracing the second derivative of ``nn.MSELoss`` kills the process with a
+    segmentation fault in torch 2.13 (no exception to catch), so that case is
+    refused up front. A loss that calls ``F.mse_loss`` inside a function cannot
+    be recognised here; write it as ``((out - y) ** 2).mean()`` to use linearize.
+    """
+    if isinstance(loss_fn, nn.MSELoss):
+        return (
+            "torch's tracer crashes the process (segmentation fault, seen in torch 2.13) "
+            "on nn.MSELoss; use hvp='rev-rev', or write the loss as ((out - y) ** 2).mean()"
+        )
+    return None
 
 
 def _select_names(model: nn.Module, params: Any, *, allow_frozen: bool = False) -> list[str]:
@@ -156,9 +172,10 @@ class HessianOperator:
     but holds more memory (the trace keeps every intermediate: 2-5x the cached
     graph's peak on those models). Worth it for long runs (trace, spectral
     density) on convolutional or attention models. Opt in with care: in torch
-    2.13 the tracer crashes the process (segmentation fault) on
-    ``nn.MSELoss``; a model it cannot trace raises ``RuntimeError`` at the first
-    product. All implementations agree to rounding (tested against dense
+    2.13 the tracer crashes the process (segmentation fault) on ``nn.MSELoss``,
+    which is therefore refused with ``ValueError`` (:func:`linearize_blocker`;
+    ``F.mse_loss`` inside a function cannot be recognised); a model the tracer
+    cannot trace raises ``RuntimeError`` at the first product. All implementations agree to rounding (tested against dense
     float64 Hessians).
 
     Attributes:
@@ -214,6 +231,8 @@ class HessianOperator:
             raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        if hvp == "linearize" and (why := linearize_blocker(loss_fn)) is not None:
+            raise ValueError(f"hvp='linearize': {why}")
         self.model = model
         self.loss_fn = as_batch_loss(loss_fn)
         self.mode = mode

@@ -285,7 +285,7 @@ def measure_sharpness(
             (:class:`~sharpkit.curvature.HessianOperator`): ``"auto"`` (cached
             double backward), ``"rev-rev"``, ``"fwd-rev"`` or ``"linearize"`` (faster
             products on convolutional and attention models after a one-off trace per
-            batch, more memory; crashes torch 2.13 with ``nn.MSELoss``).
+            batch, more memory; refused with ``nn.MSELoss``, which crashes torch 2.13).
         progress: tqdm bars on long loops.
 
     Returns:

@@ -291,3 +291,19 @@ def test_linearize_refuses_cache_graph_false() -> None:
         HessianOperator(case.model, case.loss_fn, case.data, hvp="linearize", cache_graph=False)
     with pytest.raises(ValueError, match="cache per-batch work"):
         HessianOperator(case.model, case.loss_fn, case.data, hvp="fwd-rev", cache_graph=True)
+
+
+def test_linearize_refuses_mse_loss_module() -> None:
+    # tracing nn.MSELoss's second derivative segfaults torch 2.13: refused before any trace
+    model = nn.Linear(3, 2)
+    data = (torch.randn(8, 3), torch.randn(8, 2))
+    with pytest.raises(ValueError, match=r"nn\.MSELoss"):
+        HessianOperator(model, nn.MSELoss(), data, hvp="linearize")
+
+    # the same loss written out traces fine and gives the default's products
+    def written_out(m, b):
+        return ((m(b[0]) - b[1]) ** 2).mean()
+
+    v = torch.randn(8)
+    lin = HessianOperator(model, written_out, data, hvp="linearize").matvec(v)
+    torch.testing.assert_close(lin, HessianOperator(model, nn.MSELoss(), data).matvec(v))
