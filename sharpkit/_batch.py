@@ -50,7 +50,7 @@ def supervised(criterion: Callable[[Any, Any], torch.Tensor]) -> BatchLoss:
     Example:
         >>> loss_fn = supervised(nn.MSELoss())
         >>> model = nn.Linear(2, 1)
-        >>> float(loss_fn(model, (torch.zeros(4, 2), model.bias.detach().expand(4, 1)))) == 0.0
+        >>> loss_fn(model, (torch.zeros(4, 2), model.bias.detach().expand(4, 1))).item() == 0.0
         True
     """
 

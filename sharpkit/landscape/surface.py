@@ -138,7 +138,7 @@ def loss_surface_1d(
         >>> g = torch.Generator().manual_seed(0)
         >>> data = (torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g))
         >>> s = loss_surface_1d(m, nn.CrossEntropyLoss(), data, filter_normalized_direction(m), steps=5)
-        >>> s.loss.shape, bool(s.loss[2] == s.loss.new_tensor(float(nn.CrossEntropyLoss()(m(data[0]), data[1]))))
+        >>> s.loss.shape, bool(s.loss[2] == s.loss.new_tensor(nn.CrossEntropyLoss()(m(data[0]), data[1]).item()))
         (torch.Size([5]), True)
     """
     xs = _grid(span, steps, "steps")
@@ -234,7 +234,7 @@ def interpolate_checkpoints(
         >>> x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
         >>> loss_fn = lambda m, x: (m(x) ** 2).mean()
         >>> s = interpolate_checkpoints(a, a.state_dict(), b.state_dict(), loss_fn, x, steps=3)
-        >>> bool(torch.isclose(s.loss[-1], torch.tensor(float(loss_fn(b, x)), dtype=torch.float64)))
+        >>> bool(torch.isclose(s.loss[-1], torch.tensor(loss_fn(b, x).item(), dtype=torch.float64)))
         True
     """
     ts = _grid(span, steps, "steps")
