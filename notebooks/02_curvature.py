@@ -193,8 +193,9 @@ for name, block in H.blocks().items():
 #
 # A Hessian-vector product never forms $H$ (Pearlmutter, 1994). sharpkit offers three:
 #
-# - `"rev-rev"` (the default): differentiate the gradient again, $Hv = \nabla_w (\nabla_w L \cdot v)$,
-#   a double backward; with one batch the gradient graph is built once and reused.
+# - `"rev-rev"` (the default): differentiate the gradient again,
+#   $Hv = \nabla_w (\nabla_w L \cdot v)$, a double backward; with one batch the
+#   gradient graph is built once and reused.
 # - `"fwd-rev"`: push a tangent $v$ forward through the gradient computation
 #   (`torch.func.jvp` of `torch.func.grad`); recomputes the forward and backward passes
 #   every time.

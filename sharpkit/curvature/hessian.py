@@ -51,11 +51,12 @@ HVP_IMPLEMENTATIONS = ("rev-rev", "fwd-rev", "linearize")
 # in gradients: cached rev-rev 1.7-2.1x (MLP, CNN, transformer block), linearize
 # 1.8x (faster on the CNN and the transformer, not on the MLP, after a one-off
 # trace of 0.1-0.8 s, with 2-5x the peak memory), torch.func fwd-rev 4.2-8.1x,
-# rev-rev without the cache 3.3-3.5x. linearize is not the default although it is the fastest product: in
-# torch 2.13 tracing the second derivative of nn.MSELoss kills the process with a
-# segmentation fault (no exception to fall back from), and torch.func.linearize
-# fails on some other graphs (pytorch/pytorch#124550). CUDA was not measured yet
-# (no GPU was lent): rev-rev until a measurement says otherwise.
+# rev-rev without the cache 3.3-3.5x. linearize is not the default: in torch 2.13
+# tracing the second derivative of nn.MSELoss kills the process with a
+# segmentation fault (no exception to fall back from), torch.func.linearize has
+# failed on other graphs before (pytorch/pytorch#124550), and it is not faster
+# everywhere. CUDA was not measured yet (no GPU was lent): rev-rev until a
+# measurement says otherwise.
 _DEFAULT_HVP = {"cpu": "rev-rev", "cuda": "rev-rev"}
 _CACHING = ("rev-rev", "linearize")
 
@@ -175,8 +176,8 @@ class HessianOperator:
     2.13 the tracer crashes the process (segmentation fault) on ``nn.MSELoss``,
     which is therefore refused with ``ValueError`` (:func:`linearize_blocker`;
     ``F.mse_loss`` inside a function cannot be recognised); a model the tracer
-    cannot trace raises ``RuntimeError`` at the first product. All implementations agree to rounding (tested against dense
-    float64 Hessians).
+    cannot trace raises ``RuntimeError`` at the first product. All
+    implementations agree to rounding (tested against dense float64 Hessians).
 
     Attributes:
         dim: number of selected scalar parameters; ``shape == (dim, dim)``.
