@@ -79,6 +79,16 @@ def linearize_blocker(loss_fn: Any) -> str | None:
     return None
 
 
+def _check_model_mode_dtype(model: Any, mode: Any, dtype: Any) -> None:
+    """The argument checks shared by every measurement on a model (Hessian, sharpness)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if mode not in _MODES:
+        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+
+
 def _select_names(model: nn.Module, params: Any, *, allow_frozen: bool = False) -> list[str]:
     """Parameter names chosen by ``params`` (None, a list of names or a predicate).
 
@@ -226,12 +236,7 @@ class HessianOperator:
         _batches: list[Any] | None = None,
         _parent: HessianOperator | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-        if mode not in _MODES:
-            raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        _check_model_mode_dtype(model, mode, dtype)
         if hvp == "linearize" and (why := linearize_blocker(loss_fn)) is not None:
             raise ValueError(f"hvp='linearize': {why}")
         self.model = model

@@ -7,10 +7,11 @@ everything runs on a deep copy in the requested dtype and device.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch, split_batch
 from sharpkit._device import resolve_device
 from sharpkit.curvature._linop import make_generator
-from sharpkit.curvature.hessian import _select_names
+from sharpkit.curvature.hessian import _check_model_mode_dtype, _select_names
 from sharpkit.io.results import MeasurementProtocol
 
 __all__ = [
@@ -30,8 +31,6 @@ __all__ = [
     "supervised_accuracy",
     "weighted_mean_stderr",
 ]
-
-_MODES = ("eval", "train")
 
 
 @dataclasses.dataclass
@@ -134,12 +133,7 @@ class Objective:
         device: torch.device | str | None = None,
         m: int | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-        if mode not in _MODES:
-            raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        _check_model_mode_dtype(model, mode, dtype)
         if m is not None:
             _check_positive("m", m, integer=True)
         first = next(iter(model.parameters()), None)
@@ -188,6 +182,24 @@ class Objective:
 
     def zeros(self) -> list[torch.Tensor]:
         return [torch.zeros_like(w) for w in self.w0]
+
+    def scale(self, adaptive: bool, offset: float = 0.0) -> list[torch.Tensor]:
+        """The per-coordinate scale ``c`` of a perturbation ``d = c * u``:
+        ``|w| + offset`` (adaptive metrics) or 1."""
+        if adaptive:
+            return [w.abs() + offset for w in self.w0]
+        return [torch.ones_like(w) for w in self.w0]
+
+    @contextlib.contextmanager
+    def metered(self) -> Iterator[Cost]:
+        """Count the evaluations of the block in a fresh :class:`Cost` (yielded; it is
+        complete when the block ends), then add them to the running total."""
+        before, self.cost = self.cost, Cost()
+        block = self.cost
+        try:
+            yield block
+        finally:
+            self.cost = before + block
 
     # -- evaluations --------------------------------------------------------------
     def _scalar(self, loss: torch.Tensor) -> torch.Tensor:

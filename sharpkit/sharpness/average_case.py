@@ -23,7 +23,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sharpkit.sharpness._objective import (
-    Cost,
     MetricResult,
     Objective,
     _check_positive,
@@ -73,20 +72,21 @@ def _average_case(
     if noise not in NOISES:
         raise ValueError(f"noise: expected one of {NOISES}, got {noise!r}")
     gen, seed_used = make_generator(seed)
-    c = [w.abs() for w in obj.w0] if adaptive else [torch.ones_like(w) for w in obj.w0]
-    before, obj.cost = obj.cost, Cost()
+    c = obj.scale(adaptive)
     n = obj.num_examples
-    bases = [obj.loss(b) for b in obj.batches]
-    base = sum(lb * nb for lb, nb in zip(bases, obj.sizes)) / n
-    # one noise draw is shared by all batches: the sample is the full-data increase
-    per_sample = []
-    for _ in tqdm(range(samples), desc=name, disable=not progress, leave=False):
-        d = sample_noise(c, rho, noise, gen)
-        inc = sum((obj.loss(b, d) - lb) * nb for b, lb, nb in zip(obj.batches, bases, obj.sizes))
-        per_sample.append(inc / n)
+    with obj.metered() as cost:
+        bases = [obj.loss(b) for b in obj.batches]
+        base = sum(lb * nb for lb, nb in zip(bases, obj.sizes)) / n
+        # one noise draw is shared by all batches: the sample is the full-data increase
+        per_sample = []
+        for _ in tqdm(range(samples), desc=name, disable=not progress, leave=False):
+            d = sample_noise(c, rho, noise, gen)
+            inc = sum(
+                (obj.loss(b, d) - lb) * nb for b, lb, nb in zip(obj.batches, bases, obj.sizes)
+            )
+            per_sample.append(inc / n)
     t = torch.tensor(per_sample, dtype=torch.float64)
     stderr = float(t.std(unbiased=True) / samples**0.5) if samples > 1 else None
-    cost, obj.cost = obj.cost, before + obj.cost
     obj.set_offset(None)
     return MetricResult(
         name=name,

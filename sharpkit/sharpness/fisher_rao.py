@@ -30,7 +30,6 @@ from torch.func import functional_call, jvp
 
 from sharpkit._quiet import torch_internal_notices_hidden
 from sharpkit.sharpness._objective import (
-    Cost,
     MetricResult,
     Objective,
     make_generator,
@@ -78,7 +77,6 @@ def _fisher_rao(obj: Objective, *, fisher: str, seed: int | torch.Generator | No
     gen, seed_used = make_generator(seed)
     loss_fn = _per_example_loss(obj.loss_fn, fisher, gen)
     obj.set_offset(None)
-    before, obj.cost = obj.cost, Cost()
     primals = tuple(w for w in obj.w0)
     names = obj.names
     fixed = {n: t for n, t in obj.model.named_parameters() if n not in set(names)}
@@ -96,22 +94,22 @@ def _fisher_rao(obj: Objective, *, fisher: str, seed: int | torch.Generator | No
         return losses
 
     values = []
-    for b, n in zip(obj.batches, obj.sizes):
-        with torch.no_grad(), torch_internal_notices_hidden():
-            out, tangent = jvp(losses_of(b), primals, primals)
-        if out.dim() != 1 or out.shape[0] != n:
-            raise ValueError(
-                "loss_fn: the Fisher-Rao norm needs per-example losses (a vector of "
-                f"length {n}); got shape {tuple(out.shape)}. Pass an nn loss module or a "
-                "loss_fn that returns reduction='none' losses."
-            )
-        values.append(tangent.double() ** 2)
-        obj.cost.jvp += 1
+    with obj.metered() as cost:
+        for b, n in zip(obj.batches, obj.sizes):
+            with torch.no_grad(), torch_internal_notices_hidden():
+                out, tangent = jvp(losses_of(b), primals, primals)
+            if out.dim() != 1 or out.shape[0] != n:
+                raise ValueError(
+                    "loss_fn: the Fisher-Rao norm needs per-example losses (a vector of "
+                    f"length {n}); got shape {tuple(out.shape)}. Pass an nn loss module or "
+                    "a loss_fn that returns reduction='none' losses."
+                )
+            values.append(tangent.double() ** 2)
+            obj.cost.jvp += 1
     sq = torch.cat(values)
     mean_sq = float(sq.mean())
     se_sq = float(sq.std(unbiased=True) / math.sqrt(sq.numel())) if sq.numel() > 1 else None
     norm = math.sqrt(mean_sq)
-    cost, obj.cost = obj.cost, before + obj.cost
     return MetricResult(
         name="fisher_rao",
         value=norm,

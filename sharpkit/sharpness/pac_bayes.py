@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from sharpkit.sharpness._objective import (
-    Cost,
     MetricResult,
     Objective,
     _check_positive,
@@ -68,7 +67,6 @@ def _pac_bayes(
         for _ in range(samples)
     ]
     fn = accuracy_fn or supervised_accuracy
-    before, obj.cost = obj.cost, Cost()
     n = obj.num_examples
 
     def measure(d: Sequence[torch.Tensor] | None) -> float:
@@ -77,8 +75,6 @@ def _pac_bayes(
         else:
             vals = [obj.loss(b, d) for b in obj.batches]
         return sum(v * s for v, s in zip(vals, obj.sizes)) / n
-
-    base = measure(None)
 
     def drop(sigma: float) -> float:
         out = 0.0
@@ -93,36 +89,37 @@ def _pac_bayes(
             out += (base - v) if target == "accuracy" else (v - base)
         return out / samples
 
-    evaluations = []
-    lo, hi = 0.0, sigma_init
-    d_hi = drop(hi)
-    evaluations.append((hi, d_hi))
-    it = 0
-    while d_hi <= max_drop and it < max_iter:  # grow until infeasible
-        lo, hi = hi, hi * 2.0
+    with obj.metered() as cost:
+        base = measure(None)
+        evaluations = []
+        lo, hi = 0.0, sigma_init
         d_hi = drop(hi)
         evaluations.append((hi, d_hi))
-        it += 1
-    while lo == 0.0 and it < max_iter:  # shrink until feasible
-        hi = hi / 2.0
-        d = drop(hi)
-        evaluations.append((hi, d))
-        if d <= max_drop:
-            lo = hi
-            hi = hi * 2.0
-        it += 1
-    while lo > 0.0 and hi / lo > 1.0 + rtol and it < max_iter:
-        mid = math.sqrt(lo * hi)
-        d = drop(mid)
-        evaluations.append((mid, d))
-        if d <= max_drop:
-            lo = mid
-        else:
-            hi = mid
-        it += 1
-    converged = lo > 0.0 and hi / lo <= 1.0 + rtol
-    sigma = lo
-    cost, obj.cost = obj.cost, before + obj.cost
+        it = 0
+        while d_hi <= max_drop and it < max_iter:  # grow until infeasible
+            lo, hi = hi, hi * 2.0
+            d_hi = drop(hi)
+            evaluations.append((hi, d_hi))
+            it += 1
+        while lo == 0.0 and it < max_iter:  # shrink until feasible
+            hi = hi / 2.0
+            d = drop(hi)
+            evaluations.append((hi, d))
+            if d <= max_drop:
+                lo = hi
+                hi = hi * 2.0
+            it += 1
+        while lo > 0.0 and hi / lo > 1.0 + rtol and it < max_iter:
+            mid = math.sqrt(lo * hi)
+            d = drop(mid)
+            evaluations.append((mid, d))
+            if d <= max_drop:
+                lo = mid
+            else:
+                hi = mid
+            it += 1
+        converged = lo > 0.0 and hi / lo <= 1.0 + rtol
+        sigma = lo
     obj.set_offset(None)
     return MetricResult(
         name="pac_bayes_mag" if magnitude_aware else "pac_bayes",

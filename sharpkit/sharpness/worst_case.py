@@ -32,7 +32,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sharpkit.sharpness._objective import (
-    Cost,
     MetricResult,
     Objective,
     _check_positive,
@@ -183,12 +182,6 @@ def _pgd(
     return best_f, base, best_u
 
 
-def _scale(obj: Objective, adaptive: bool, offset: float = 0.0) -> list[torch.Tensor]:
-    if adaptive:
-        return [w.abs() + offset for w in obj.w0]
-    return [torch.ones_like(w) for w in obj.w0]
-
-
 def _check_p(p: Any) -> float:
     if p in (2, 2.0):
         return 2.0
@@ -214,18 +207,16 @@ def _worst_case(
     _check_positive("restarts", restarts, integer=True)
     p = _check_p(p)
     gen, seed_used = make_generator(seed)
-    c = _scale(obj, adaptive)
-    before = obj.cost
-    obj.cost = Cost()
+    c = obj.scale(adaptive)
     increases, bases, norms, abs_norms = [], [], [], []
-    for b in tqdm(obj.batches, desc=name, disable=not progress, leave=False):
-        best, base, u = _pgd(obj, [b], [1.0], c, rho, p, steps, restarts, gen)
-        increases.append(best - base)
-        bases.append(base)
-        norms.append(_norm(u, p))
-        abs_norms.append(_norm([ci * ui for ci, ui in zip(c, u)], 2))
+    with obj.metered() as cost:
+        for b in tqdm(obj.batches, desc=name, disable=not progress, leave=False):
+            best, base, u = _pgd(obj, [b], [1.0], c, rho, p, steps, restarts, gen)
+            increases.append(best - base)
+            bases.append(base)
+            norms.append(_norm(u, p))
+            abs_norms.append(_norm([ci * ui for ci, ui in zip(c, u)], 2))
     value, stderr = weighted_mean_stderr(increases, obj.sizes)
-    cost, obj.cost = obj.cost, before + obj.cost
     obj.set_offset(None)
     return MetricResult(
         name=name,
@@ -324,10 +315,11 @@ def _epsilon(
     _check_positive("steps", steps, integer=True)
     _check_positive("restarts", restarts, integer=True)
     gen, seed_used = make_generator(seed)
-    c = _scale(obj, True, KESKAR_OFFSET)
-    before, obj.cost = obj.cost, Cost()
-    best, base, u = _pgd(obj, obj.batches, obj.sizes, c, epsilon, math.inf, steps, restarts, gen)
-    cost, obj.cost = obj.cost, before + obj.cost
+    c = obj.scale(True, KESKAR_OFFSET)
+    with obj.metered() as cost:
+        best, base, u = _pgd(
+            obj, obj.batches, obj.sizes, c, epsilon, math.inf, steps, restarts, gen
+        )
     obj.set_offset(None)
     return MetricResult(
         name="epsilon_sharpness",
