@@ -34,15 +34,6 @@ SPEC = textwrap.dedent(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: torch's intra-op threads only add synchronisation on a busy 2-core CPU
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 FAST = ["--metrics", "lambda_max,worst_case_adaptive,average_case", "--no-progress"]
 
 
