@@ -55,7 +55,9 @@ class FunctionalView:
     returns a callable that runs ``model`` with ``params`` in place of the
     trainable tensors (``torch.func.functional_call``; every other parameter and
     buffer is the module's own unless ``extra`` replaces it), so a loss function
-    that calls its model argument works unchanged under ``vmap``.
+    that calls its model argument works unchanged under ``vmap``. A tensor
+    registered under several names (tied weights) is replaced under all of them;
+    ``tied`` says whether the model has any.
 
     Raises:
         NotVectorisable: if a trainable parameter is not one of ``model``'s.
@@ -79,6 +81,11 @@ class FunctionalView:
                 self.trainable.append((name_of[id(p)], p, group))
         self.names = [n for n, _, _ in self.trainable]
         self.params = [p for _, p, _ in self.trainable]
+        # functional_call's weight-tying pass walks the whole module on every call;
+        # it is needed only when one tensor is registered under several names
+        owners = [id(t) for _, t in model.named_parameters(remove_duplicate=False)]
+        owners += [id(t) for _, t in model.named_buffers(remove_duplicate=False)]
+        self.tied = len(owners) != len(set(owners))
 
     def caller(
         self,
@@ -86,10 +93,10 @@ class FunctionalView:
         extra: Mapping[str, torch.Tensor] | None = None,
     ) -> Callable[..., Any]:
         tensors = {**params, **extra} if extra else dict(params)
-        model = self.model
+        model, tied = self.model, self.tied
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(model, tensors, args, kwargs)
+            return functional_call(model, tensors, args, kwargs, tie_weights=tied)
 
         return call
 

@@ -181,6 +181,37 @@ def test_vectorised_equals_sequential(n: int) -> None:
     assert torch.equal(a[0].bias, mlp()[0].bias)  # frozen
 
 
+def test_tied_weights_move_together_on_both_paths() -> None:
+    """One weight under two names (an autoencoder-style tie): the vectorised path
+    must perturb both uses of it, as the sequential path and the reference do."""
+
+    def tied(seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)
+        )
+        model[2].weight = model[0].weight
+        return model.to(F64)
+
+    a, b, ref = tied(), tied(), tied()
+    assert len(list(a.parameters())) == len(list(a.named_parameters(remove_duplicate=False))) - 1
+    batch = data(12)
+    va = MSAM(a.parameters(), torch.optim.SGD, rho=0.1, micro_batches=3, model=a,
+              path="vectorised", lr=0.1)  # fmt: skip
+    sb = MSAM(b.parameters(), torch.optim.SGD, rho=0.1, micro_batches=3, model=b,
+              path="sequential", lr=0.1)  # fmt: skip
+    for _ in range(3):
+        va.step(ce, batch)
+        sb.step(ce, batch)
+        pieces = list(zip(batch[0].tensor_split(3), batch[1].tensor_split(3)))
+        reference_msam_step(ref, pieces, rho=0.1, lr=0.1)
+    assert va.last_path == "vectorised"
+    for p, q, r in zip(a.parameters(), b.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-10)
+        torch.testing.assert_close(p, r, rtol=0, atol=1e-10)
+    assert a[2].weight is a[0].weight
+
+
 def test_vectorised_is_the_default() -> None:
     model = mlp(norm=nn.LayerNorm)
     opt = MSAM(model.parameters(), torch.optim.SGD, micro_batches=4, model=model, lr=0.1)
