@@ -219,8 +219,11 @@ class MSAM(BatchDrivenSAM):
     gradients of the trainable parameters and ``m`` perturbed copies of them,
     and its matrix products have inner dimension ``n / m`` for the weight
     gradients; for full-width layers on a CPU that memory traffic makes it
-    slower than SAM, for adapters (LoRA) it is close to SAM (see
-    analysis/benchmarks/results/msam_deltasam.md). Mixed precision via
+    slower than SAM, for adapters (LoRA) it is close to SAM on large enough
+    batches. Its floor is SAM's step plus what ``vmap`` itself costs on the two
+    passes (a fixed per-operation dispatch cost, large relative to a small
+    model's step on a CPU); the benchmark times that floor beside the method
+    (analysis/benchmarks/results/msam_deltasam.md). Mixed precision via
     ``GradScaler`` and the manual ``first_step``/``second_step`` form are not
     supported (use :class:`~sharpkit.optim.SAM` for those).
 
