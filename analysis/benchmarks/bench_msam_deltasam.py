@@ -7,7 +7,9 @@ Two parts, one results file (analysis/benchmarks/results/msam_deltasam.md and .j
    block, both with LoRA adapters; only the adapters train):
    SAM (baseline); mSAM with m = 4, 8 on the vectorised and the sequential
    path; delta-SAM in ``forward-only`` mode (K = 1, 2, 4 probes), ``probe``
-   mode (K = 4) and ``exact`` mode.
+   mode (K = 4) and ``exact`` mode; and three reference rows that bound what
+   the methods can reach (:func:`floor_cases`: SAM plus one forward, and two
+   forward/backward passes run plainly and under ``vmap``).
    Targets: vectorised mSAM <= 1.15x SAM, delta-SAM with probes <= 1.3x SAM.
 2. **Approximation quality** of delta-SAM's perturbation: the mean of
    ``cos(G - g, G_PI - g)`` (``G`` the method's perturbed gradient, ``G_PI`` the
@@ -212,7 +214,67 @@ def timing_cases(
                        probes=probes, **kw)  # fmt: skip
         label = f"delta-SAM {mode}" + ("" if mode == "exact" else f" K={probes}")
         cases.append(Case(label, lambda o=opt: o.step(per_example, batch), group=name))
+    cases += floor_cases(name, factory(), batch, per_example, kw)
     return cases
+
+
+def floor_cases(
+    name: str, m: nn.Module, batch: Any, per_example: Callable[..., Any], kw: dict[str, Any]
+) -> list[Case]:
+    """Reference rows (no method of their own) that bound what the methods can reach.
+
+    - ``floor: SAM + 1 forward``: a SAM step plus one no-grad forward, the work
+      forward-only delta-SAM with K = 1 cannot avoid (its statistics are O(n));
+    - ``passes: 2 plain``: two forward/backward passes of the mean loss (SAM's
+      passes without its update, restore and checks);
+    - ``passes: 2 vmapped, m=4``: the same two passes as vectorised mSAM runs
+      them, ``vmap`` over 4 micro-batches with 4 stacked copies of the trainable
+      parameters. The gap between the two ``passes`` rows is what ``vmap``
+      itself costs, and vectorised mSAM cannot be cheaper than SAM plus that gap.
+    """
+    params = [p for p in m.parameters() if p.requires_grad]
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    sam = SAM(params, torch.optim.SGD, rho=0.05, model=m, **kw)
+
+    def closure() -> torch.Tensor:
+        loss = per_example(m, batch).mean()
+        loss.backward()
+        return loss
+
+    def sam_plus_forward() -> None:
+        sam.step(closure)
+        with torch.no_grad():
+            per_example(m, batch)
+
+    def plain_passes() -> None:
+        for _ in range(2):
+            torch.autograd.grad(per_example(m, batch).mean(), params)
+
+    mb = 4
+    n = batch[0].shape[0]
+    pieces = tuple(t[: n - n % mb].reshape(mb, n // mb, *t.shape[1:]) for t in batch)
+
+    def one(tp: dict[str, torch.Tensor], piece: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        def call(*args: Any) -> Any:
+            return torch.func.functional_call(m, tp, args, tie_weights=False)
+
+        return per_example(call, piece).mean()
+
+    batched = torch.func.vmap(one)
+
+    def vmapped_passes() -> None:
+        for _ in range(2):
+            stacked = [
+                p.detach().unsqueeze(0).expand(mb, *p.shape).requires_grad_() for p in params
+            ]
+            losses = batched(dict(zip(names, stacked)), pieces)
+            torch.autograd.grad(losses.sum(), stacked)
+
+    return [
+        Case("floor: SAM + 1 forward", sam_plus_forward, group=name),
+        Case("passes: 2 plain", plain_passes, group=name),
+        Case(f"passes: 2 vmapped, m={mb}", vmapped_passes, group=name),
+    ]
 
 
 def benchmark_models(
@@ -282,6 +344,12 @@ def main(argv: list[str] | None = None) -> None:
             "Targets: vectorised mSAM (m = 4, 8) <= 1.15x SAM; delta-SAM with probes "
             "<= 1.3x SAM. All optimizers: SGD with momentum as base, rho = 0.05, only "
             "the LoRA adapters train.",
+            "Reference rows (no method): 'floor: SAM + 1 forward' is a SAM step plus one "
+            "no-grad forward, the least forward-only delta-SAM with K = 1 can cost; "
+            "'passes: 2 plain' and 'passes: 2 vmapped, m=4' are SAM's two forward/backward "
+            "passes run plainly and as vectorised mSAM runs them (vmap over 4 micro-batches "
+            "and 4 stacked adapter copies); their difference is vmap's own cost, which "
+            "vectorised mSAM adds to SAM's step.",
         ],
     )
     with args.out.open("a") as fh:
