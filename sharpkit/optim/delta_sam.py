@@ -26,9 +26,10 @@ approximates it on small models.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -334,12 +335,40 @@ def _buffer_copies(view: FunctionalView, count: int | None) -> dict[str, torch.T
     return out
 
 
+class _RandomState:
+    """The global random-number state(s) at one moment, to replay later.
+
+    Saved before delta-SAM's clean forward and replayed around its probe
+    forwards (common random numbers): a model with dropout in training mode then
+    draws the same masks at ``w`` and at every probe point, so the finite
+    differences ``(l_i(w + s z) - l_i(w)) / s`` measure the change of the
+    weights, not of the masks (without it they are of order ``1 / s``). The
+    state covers the CPU generator and those of the CUDA devices that hold
+    ``tensors``.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    @contextlib.contextmanager
+    def replayed(self) -> Iterator[None]:
+        """Inside: the saved state; on exit: the state as it was on entry."""
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu)
+            for d, state in zip(self.devices, self.cuda):
+                torch.cuda.set_rng_state(state, d)
+            yield
+
+
 def _evaluate_sets(
     view: FunctionalView,
     loss_fn: Callable[..., Any],
     batch: Any,
     n: int,
     stacked: list[torch.Tensor],
+    rng: _RandomState,
     *,
     vectorise: bool = True,
 ) -> torch.Tensor:
@@ -347,7 +376,8 @@ def _evaluate_sets(
     ``(S, *p.shape)``), without gradients and without touching the module: one
     vmapped forward (or a loop when ``vectorise`` is False; a single set needs no
     ``vmap``, whose batching overhead made forward-only K = 1 7% slower on the
-    benchmark LoRA MLP). Returns ``(S, n)``."""
+    benchmark LoRA MLP). Every set draws its random numbers (dropout masks) from
+    ``rng``, replayed; the global state is left as it was. Returns ``(S, n)``."""
     count = stacked[0].shape[0]
     vectorise = vectorise and count > 1
 
@@ -358,11 +388,13 @@ def _evaluate_sets(
         if vectorise:
             consts = _buffer_copies(view, count)
             params = dict(zip(view.names, stacked))
-            return vmap(at, in_dims=(0, 0), randomness="different")(params, consts)
+            with rng.replayed():  # 'same': every set sees the masks a plain call would draw
+                return vmap(at, in_dims=(0, 0), randomness="same")(params, consts)
         rows = []
         consts = _buffer_copies(view, None)
         for s in range(count):
-            rows.append(at({name: t[s] for name, t in zip(view.names, stacked)}, consts))
+            with rng.replayed():
+                rows.append(at({name: t[s] for name, t in zip(view.names, stacked)}, consts))
         return torch.stack(rows)
 
 
@@ -573,7 +605,10 @@ class DeltaSAM(BatchDrivenSAM):
     Probe forwards run functionally on perturbed copies of the trainable
     parameters (one ``vmap`` over the probes, a plain call for a single one;
     the module's weights never move, its BatchNorm buffers are not updated by
-    them). The probe step is
+    them). They replay the random-number state of the clean forward, so a model
+    with dropout in training mode draws the same masks at ``w`` and at every
+    probe point (common random numbers; otherwise the differences would measure
+    the masks). The probe step is
     :math:`s = r/\sqrt{d}` (``d`` trainable scalars, ``r = probe_radius``, so
     :math:`\|s z\| \approx r`); forward differences, whose error is far below
     the estimator's own noise (relative standard deviation of the squared-norm
@@ -776,6 +811,7 @@ class DeltaSAM(BatchDrivenSAM):
                 f"which vanish in {', '.join(low)}; use float32 or float64 trainable "
                 "parameters, or mode='exact'"
             )
+        rng = _RandomState(view.params)  # what the clean forward draws its masks from
         if self.mode == "probe":
             losses = _check_per_example(loss_fn(self.model, batch), n, "at w")
             losses.mean().backward(retain_graph=True)
@@ -784,13 +820,13 @@ class DeltaSAM(BatchDrivenSAM):
                 grads = [
                     torch.zeros_like(p) if g is None else g for p, g in zip(view.params, grads)
                 ]
-            L, s, t = self._probe_losses(view, loss_fn, batch, n, grads)
+            L, s, t = self._probe_losses(view, loss_fn, batch, n, grads, rng)
             self.zero_grad(set_to_none=True)
         else:
             # the probes need nothing from the clean pass, so they run first, while no
             # autograd graph is held in memory (3-8% of a SAM step faster on the
             # benchmark LoRA MLP than probing after the clean forward)
-            L, s, t = self._probe_losses(view, loss_fn, batch, n, None)
+            L, s, t = self._probe_losses(view, loss_fn, batch, n, None, rng)
             losses = _check_per_example(loss_fn(self.model, batch), n, "at w")
         stats = self._probe_stats(L, losses.detach(), s, t)
         lam = _normalised_weights(self.weighting, stats, n)
@@ -850,6 +886,7 @@ class DeltaSAM(BatchDrivenSAM):
         batch: Any,
         n: int,
         grads: list[torch.Tensor] | None,
+        rng: _RandomState,
     ) -> tuple[torch.Tensor, float, float | None]:
         """Per-example losses at the ``K`` probe points ``w + s z_k`` and, given the
         batch gradient (probe mode), at one more point ``w + t g``.
@@ -875,7 +912,7 @@ class DeltaSAM(BatchDrivenSAM):
                     torch.cat([st, (p.detach() + t * g).unsqueeze(0)])
                     for st, p, g in zip(stacked, params, grads)
                 ]
-            return self._evaluate(view, loss_fn, batch, n, stacked), s, t
+            return self._evaluate(view, loss_fn, batch, n, stacked, rng), s, t
 
     @torch.no_grad()
     def _probe_stats(
@@ -905,12 +942,13 @@ class DeltaSAM(BatchDrivenSAM):
         batch: Any,
         n: int,
         stacked: list[torch.Tensor],
+        rng: _RandomState,
     ) -> torch.Tensor:
         if getattr(self, "_probe_fallback", None) is None:
             try:
-                return _evaluate_sets(view, loss_fn, batch, n, stacked, vectorise=True)
+                return _evaluate_sets(view, loss_fn, batch, n, stacked, rng, vectorise=True)
             except (NotVectorisable, RuntimeError, NotImplementedError) as err:
-                out = _evaluate_sets(view, loss_fn, batch, n, stacked, vectorise=False)
+                out = _evaluate_sets(view, loss_fn, batch, n, stacked, rng, vectorise=False)
                 self._probe_fallback = f"{type(err).__name__}: {err}"
                 warnings.warn(
                     "DeltaSAM: torch.func.vmap could not run the probe forwards as one batch; "
@@ -919,4 +957,4 @@ class DeltaSAM(BatchDrivenSAM):
                     stacklevel=6,
                 )
                 return out
-        return _evaluate_sets(view, loss_fn, batch, n, stacked, vectorise=False)
+        return _evaluate_sets(view, loss_fn, batch, n, stacked, rng, vectorise=False)

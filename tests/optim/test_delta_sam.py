@@ -208,6 +208,45 @@ def test_probe_estimates_converge_with_known_variance() -> None:
     assert rms[4096] < rms[64] / 3  # the error shrinks like 1/sqrt(K) (expected ratio 8)
 
 
+@pytest.mark.parametrize("mode", ["forward-only", "probe"])
+@pytest.mark.parametrize("K", [1, 512, "512-loop"])
+def test_probes_replay_the_clean_forwards_dropout_masks(mode: str, K: int | str) -> None:
+    """Dropout in training mode: the probe forwards must draw the clean forward's masks.
+
+    Reference: the clean forward's losses from the same random state, and their
+    exact per-example gradients (one backward each). With K = 512 the squared-norm
+    estimate is within 5 sqrt(2 / K) relative, as in the test above; with K = 1 it
+    is one chi-squared(1) draw times ||g_i||^2 (above 30 with probability 4e-8).
+    With masks drawn afresh the estimates are of order (1 / s)^2, about 1e12 here.
+    '512-loop' runs the probes one by one (the path taken when vmap fails).
+    """
+    loop = K == "512-loop"
+    K = 512 if loop else int(K)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 10), nn.Tanh(), nn.Dropout(0.3), nn.Linear(10, 3)).to(F64)
+    batch = data(16)
+    params = list(model.parameters())
+    state = torch.get_rng_state()
+    losses = per_ex(model, batch)
+    sq = torch.stack([
+        sum(g.pow(2).sum() for g in torch.autograd.grad(losses[i], params, retain_graph=True))
+        for i in range(16)
+    ])  # fmt: skip
+    torch.set_rng_state(state)
+    opt = DeltaSAM(params, torch.optim.SGD, rho=0.05, model=model, mode=mode, probes=K,
+                   probe_radius=1e-6, seed=3, lr=0.0)  # fmt: skip
+    if loop:
+        opt._probe_fallback = "forced by the test"
+    opt.step(per_ex, batch)
+    st = opt.last_stats
+    torch.testing.assert_close(st.losses, losses.detach(), rtol=0, atol=1e-14)
+    ratio = st.sq_norms / sq
+    if K == 1:
+        assert ratio.max() < 30, ratio.max()
+    else:
+        assert (ratio - 1).abs().max() < 5 * math.sqrt(2 / K), ratio
+
+
 # -- the per-instance target against a direct loop -------------------------------------------------
 
 
