@@ -17,6 +17,9 @@ tangent part, none of the forward or backward pass). Parameters and
 buffers are passed to ``functional_call`` explicitly, frozen at construction, so
 the caller's model is never written to. The module mode is explicit (``"eval"``
 by default); the caller's modes are restored after every product and recorded.
+Every evaluation replays the random-number state of construction, so a model
+with dropout in ``"train"`` mode gives the Hessian of one fixed draw of its
+masks (the same draw at every product) rather than a new random matrix each time.
 
 References:
     Pearlmutter. Fast exact multiplication by the Hessian. Neural Computation, 1994.
@@ -36,6 +39,7 @@ from torch.func import functional_call
 from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch
 from sharpkit._device import resolve_device
 from sharpkit._quiet import torch_internal_notices_hidden
+from sharpkit._rng import RandomState
 from sharpkit.io.results import MeasurementProtocol
 
 __all__ = ["HVP_IMPLEMENTATIONS", "HessianOperator", "linearize_blocker"]
@@ -302,6 +306,10 @@ class HessianOperator:
         self._graphs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
         self._linear: list[Callable[..., Any]] | None = None
         self.num_matvecs = 0
+        # every loss evaluation replays one random state: with dropout in training mode
+        # the operator is the Hessian of one fixed realisation of the masks, not a new
+        # random matrix at every product
+        self._rng = RandomState(self._params.values())
 
     # ----------------------------------------------------------------- helpers
     @contextlib.contextmanager
@@ -321,7 +329,8 @@ class HessianOperator:
         def functional_model(*args: Any, **kwargs: Any) -> Any:
             return functional_call(self.model, state, args, kwargs)
 
-        loss = self.loss_fn(functional_model, batch)
+        with self._rng.replayed():
+            loss = self.loss_fn(functional_model, batch)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
@@ -406,7 +415,8 @@ class HessianOperator:
             _, jvp_fn = torch.func.linearize(grad_map, dict(self._params))
 
         def product(vs: list[torch.Tensor]) -> list[torch.Tensor]:
-            out = jvp_fn(dict(zip(names, vs)))
+            with self._rng.replayed():  # the trace re-draws its random ops on every call
+                out = jvp_fn(dict(zip(names, vs)))
             return [out[n] for n in names]
 
         return product

@@ -26,10 +26,9 @@ approximates it on small models.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +38,7 @@ from torch.func import grad_and_value, vmap
 from torch.optim import Optimizer
 
 from .._batch import as_batch_loss, batch_size
+from .._rng import RandomState
 from ._base import BatchDrivenSAM, check_nonneg_float, global_norm
 from .msam import (
     FunctionalView,
@@ -335,40 +335,13 @@ def _buffer_copies(view: FunctionalView, count: int | None) -> dict[str, torch.T
     return out
 
 
-class _RandomState:
-    """The global random-number state(s) at one moment, to replay later.
-
-    Saved before delta-SAM's clean forward and replayed around its probe
-    forwards (common random numbers): a model with dropout in training mode then
-    draws the same masks at ``w`` and at every probe point, so the finite
-    differences ``(l_i(w + s z) - l_i(w)) / s`` measure the change of the
-    weights, not of the masks (without it they are of order ``1 / s``). The
-    state covers the CPU generator and those of the CUDA devices that hold
-    ``tensors``.
-    """
-
-    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
-        self.devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-        self.cpu = torch.get_rng_state()
-        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
-
-    @contextlib.contextmanager
-    def replayed(self) -> Iterator[None]:
-        """Inside: the saved state; on exit: the state as it was on entry."""
-        with torch.random.fork_rng(devices=self.devices):
-            torch.set_rng_state(self.cpu)
-            for d, state in zip(self.devices, self.cuda):
-                torch.cuda.set_rng_state(state, d)
-            yield
-
-
 def _evaluate_sets(
     view: FunctionalView,
     loss_fn: Callable[..., Any],
     batch: Any,
     n: int,
     stacked: list[torch.Tensor],
-    rng: _RandomState,
+    rng: RandomState,
     *,
     vectorise: bool = True,
 ) -> torch.Tensor:
@@ -811,7 +784,7 @@ class DeltaSAM(BatchDrivenSAM):
                 f"which vanish in {', '.join(low)}; use float32 or float64 trainable "
                 "parameters, or mode='exact'"
             )
-        rng = _RandomState(view.params)  # what the clean forward draws its masks from
+        rng = RandomState(view.params)  # what the clean forward draws its masks from
         if self.mode == "probe":
             losses = _check_per_example(loss_fn(self.model, batch), n, "at w")
             losses.mean().backward(retain_graph=True)
@@ -886,7 +859,7 @@ class DeltaSAM(BatchDrivenSAM):
         batch: Any,
         n: int,
         grads: list[torch.Tensor] | None,
-        rng: _RandomState,
+        rng: RandomState,
     ) -> tuple[torch.Tensor, float, float | None]:
         """Per-example losses at the ``K`` probe points ``w + s z_k`` and, given the
         batch gradient (probe mode), at one more point ``w + t g``.
@@ -942,7 +915,7 @@ class DeltaSAM(BatchDrivenSAM):
         batch: Any,
         n: int,
         stacked: list[torch.Tensor],
-        rng: _RandomState,
+        rng: RandomState,
     ) -> torch.Tensor:
         if getattr(self, "_probe_fallback", None) is None:
             try:

@@ -11,7 +11,10 @@
 
 Each metric returns a :class:`MetricResult` (value, stderr, details, cost in
 forward/gradient/HVP/JVP batch evaluations, protocol). The caller's model is never
-modified: metrics run on a private copy.
+modified: metrics run on a private copy. Every evaluation of a metric replays the
+random-number state the metric started in, so with dropout in ``mode="train"`` the
+losses compared (``L(w + d)`` against ``L(w)``) are those of one fixed draw of the
+masks, not mask noise.
 """
 
 from sharpkit.sharpness._objective import Cost, MetricResult

@@ -19,6 +19,7 @@ from torch import nn
 
 from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch, split_batch
 from sharpkit._device import resolve_device
+from sharpkit._rng import RandomState
 from sharpkit.curvature._linop import make_generator
 from sharpkit.curvature.hessian import _check_model_mode_dtype, _select_names
 from sharpkit.io.results import MeasurementProtocol
@@ -115,6 +116,8 @@ class Objective:
         data: one batch or an iterable of batches (materialised once).
         params: ``None`` (all trainable parameters), a list of names or a predicate.
         mode: ``"eval"`` (default) or ``"train"`` module mode for every evaluation.
+            Every evaluation replays the random-number state of construction, so
+            dropout in training mode draws the same masks at ``w`` and at ``w + d``.
         dtype: compute dtype (``None`` keeps the model's).
         device: compute device (``None`` keeps the model's).
         m: re-split the data into batches of at most ``m`` examples (m-sharpness);
@@ -164,6 +167,13 @@ class Objective:
         self.batches = batches
         self.sizes = [batch_size(b) for b in batches]
         self.cost = Cost()
+        # every evaluation replays one random state: with dropout in training mode the
+        # metrics compare losses under the same masks, not mask noise
+        self._rng = RandomState(self.params)
+
+    def replayed(self) -> contextlib.AbstractContextManager[None]:
+        """Context for one evaluation of the copy: the random state of construction."""
+        return self._rng.replayed()
 
     # -- parameters -------------------------------------------------------------
     @property
@@ -210,7 +220,7 @@ class Objective:
     def loss(self, batch: Any, d: Sequence[torch.Tensor] | None = None) -> float:
         """Loss of one batch at ``w0 + d``."""
         self.set_offset(d)
-        with torch.no_grad():
+        with torch.no_grad(), self.replayed():
             value = float(self._scalar(self.loss_fn(self.model, batch)))
         self.cost.forward += 1
         return value
@@ -218,7 +228,7 @@ class Objective:
     def metric(self, fn: Callable[..., Any], batch: Any, d: Sequence[torch.Tensor] | None) -> float:
         """Any ``fn(model, batch)`` at ``w0 + d`` (counted as a forward)."""
         self.set_offset(d)
-        with torch.no_grad():
+        with torch.no_grad(), self.replayed():
             value = float(fn(self.model, batch))
         self.cost.forward += 1
         return value
@@ -228,7 +238,7 @@ class Objective:
     ) -> tuple[float, list[torch.Tensor]]:
         """Loss of one batch at ``w0 + d`` and its gradient w.r.t. the parameters."""
         self.set_offset(d)
-        with torch.enable_grad():
+        with torch.enable_grad(), self.replayed():
             loss = self._scalar(self.loss_fn(self.model, batch))
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         self.cost.gradient += 1

@@ -96,7 +96,7 @@ def _fisher_rao(obj: Objective, *, fisher: str, seed: int | torch.Generator | No
     values = []
     with obj.metered() as cost:
         for b, n in zip(obj.batches, obj.sizes):
-            with torch.no_grad(), torch_internal_notices_hidden():
+            with torch.no_grad(), torch_internal_notices_hidden(), obj.replayed():
                 out, tangent = jvp(losses_of(b), primals, primals)
             if out.dim() != 1 or out.shape[0] != n:
                 raise ValueError(
