@@ -150,3 +150,29 @@ axes[1].set_xlabel(f"PC1 ({100 * explained[0]:.0f}%)")
 axes[1].set_ylabel(f"PC2 ({100 * explained[1]:.0f}%)")
 fig.tight_layout()
 plt.show()
+
+# %% [markdown]
+# ## 5. Training mode and dropout
+#
+# `mode="train"` (for BatchNorm's batch statistics, say) also switches dropout on,
+# and then two evaluations of the loss at the *same* weights differ. Every metric
+# therefore replays the random state it started in: all its evaluations draw the
+# same masks, and $L(w + d) - L(w)$ measures the change of the weights. Comparing
+# losses under fresh masks would instead measure the spread below, which on this
+# briefly trained network is several times the sharpness itself.
+
+# %%
+torch.manual_seed(0)
+drop = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, 10))
+opt = torch.optim.Adam(drop.parameters(), lr=1e-2)
+for _ in range(100):  # a short training run with dropout
+    opt.zero_grad()
+    ce(drop(x), y).backward()
+    opt.step()
+batch = (x[:256], y[:256])
+res = worst_case_sharpness(drop, ce, batch, 0.01, mode="train", steps=10)
+drop.train()
+with torch.no_grad():
+    fresh = torch.tensor([ce(drop(batch[0]), batch[1]).item() for _ in range(20)])
+print(f"worst-case sharpness at rho = 0.01, training mode, replayed masks: {res.value:.5f}")
+print(f"loss at the same weights under 20 fresh draws of the masks: std {fresh.std():.5f}")
