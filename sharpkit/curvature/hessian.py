@@ -239,6 +239,7 @@ class HessianOperator:
         cache_graph: bool | None = None,
         _batches: list[Any] | None = None,
         _parent: HessianOperator | None = None,
+        _rng: RandomState | None = None,
     ) -> None:
         _check_model_mode_dtype(model, mode, dtype)
         if hvp == "linearize" and (why := linearize_blocker(loss_fn)) is not None:
@@ -308,8 +309,9 @@ class HessianOperator:
         self.num_matvecs = 0
         # every loss evaluation replays one random state: with dropout in training mode
         # the operator is the Hessian of one fixed realisation of the masks, not a new
-        # random matrix at every product
-        self._rng = RandomState(self._params.values())
+        # random matrix at every product (blocks share their parent's state, so they
+        # are blocks of the same matrix; a sharpness report shares its objective's)
+        self._rng = _rng if _rng is not None else RandomState(self._params.values())
 
     # ----------------------------------------------------------------- helpers
     @contextlib.contextmanager
@@ -535,6 +537,7 @@ class HessianOperator:
                 cache_graph=self.cache_graph,
                 _batches=self._batches,
                 _parent=self,
+                _rng=self._rng,
             )
             for key, names in groups.items()
         }

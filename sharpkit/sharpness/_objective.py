@@ -169,11 +169,12 @@ class Objective:
         self.cost = Cost()
         # every evaluation replays one random state: with dropout in training mode the
         # metrics compare losses under the same masks, not mask noise
-        self._rng = RandomState(self.params)
+        #: the random state every evaluation replays (shared with a report's Hessian)
+        self.random_state = RandomState(self.params)
 
     def replayed(self) -> contextlib.AbstractContextManager[None]:
         """Context for one evaluation of the copy: the random state of construction."""
-        return self._rng.replayed()
+        return self.random_state.replayed()
 
     # -- parameters -------------------------------------------------------------
     @property

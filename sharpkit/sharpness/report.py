@@ -333,6 +333,7 @@ def measure_sharpness(
                 model, loss_fn, obj.batches, params=obj.names, mode=mode, dtype=obj.dtype,
                 device=obj.device, m=m,
             )  # fmt: skip
+            m_objectives[m].random_state = obj.random_state  # every metric: the same draws
         return m_objectives[m]
 
     op = None
@@ -348,7 +349,7 @@ def measure_sharpness(
 
                 op = HessianOperator(
                     obj.model, obj.loss_fn, obj.batches, params=obj.names, mode=mode,
-                    dtype=obj.dtype, device=obj.device, hvp=hvp,
+                    dtype=obj.dtype, device=obj.device, hvp=hvp, _rng=obj.random_state,
                 )  # fmt: skip
             res = _curvature(name, op, opts, seed, progress)
         elif name.startswith("worst_case"):

@@ -331,3 +331,24 @@ def test_train_mode_dropout_is_one_fixed_realisation(hvp: str, cache_graph: bool
     reference = dense_hessian(model, nn.CrossEntropyLoss(), batch, mode="train")
     torch.testing.assert_close(dense, reference, rtol=0, atol=MATVEC_ATOL)
     assert model.training  # the caller's mode is untouched
+
+
+def test_train_mode_dropout_blocks_are_blocks_of_the_same_matrix() -> None:
+    """Blocks replay their parent's random state: with dropout in training mode each
+    block equals the matching diagonal block of the parent's (fixed-mask) matrix."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Dropout(0.5), nn.Linear(5, 2)).to(F64)
+    g = torch.Generator().manual_seed(2)
+    batch = (torch.randn(10, 3, generator=g, dtype=F64), torch.randint(0, 2, (10,), generator=g))
+    op = HessianOperator(model, nn.CrossEntropyLoss(), batch, mode="train", cache_graph=False)
+    full = torch.stack([op.matvec(e) for e in torch.eye(op.dim, dtype=F64)], dim=1)
+    torch.manual_seed(99)  # blocks made under another global state still share op's
+    blocks = op.blocks()
+    start = 0
+    for block in blocks.values():
+        torch.manual_seed(start)  # and so does every product
+        dense = torch.stack([block.matvec(e) for e in torch.eye(block.dim, dtype=F64)], dim=1)
+        stop = start + block.dim
+        torch.testing.assert_close(dense, full[start:stop, start:stop], rtol=0, atol=MATVEC_ATOL)
+        start = stop
+    assert start == op.dim

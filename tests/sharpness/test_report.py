@@ -99,3 +99,26 @@ def test_linearize_products_give_the_same_curvature() -> None:
     assert rep.metrics["trace"].value == pytest.approx(default.metrics["trace"].value, rel=1e-4)
     with pytest.raises(ValueError, match="hvp"):
         measure_sharpness(net, nn.CrossEntropyLoss(), [data], metrics, hvp="double-backward")
+
+
+def test_train_mode_dropout_report_measures_one_draw_of_the_masks() -> None:
+    """Dropout in training mode: the report's curvature and its base loss are those of
+    one fixed draw of the masks, the one the global state held when it started
+    (reference: the dense float64 Hessian and the loss of one evaluation from it)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
+    x, y = class_data(n=48)
+    data = (x.double(), y)
+    state = torch.get_rng_state()
+    rep = measure_sharpness(net, nn.CrossEntropyLoss(), [data], ["lambda_max", "worst_case"],
+                            seed=0, mode="train")  # fmt: skip
+    torch.set_rng_state(state)
+    H = dense_hessian(net, nn.CrossEntropyLoss(), data, mode="train")
+    torch.set_rng_state(state)
+    net.train()
+    with torch.no_grad():
+        loss = nn.functional.cross_entropy(net(data[0]), data[1]).item()
+    assert rep.metrics["lambda_max"].value == pytest.approx(
+        float(torch.linalg.eigvalsh(H)[-1]), rel=1e-4
+    )
+    assert rep.base["loss"] == pytest.approx(loss, abs=1e-12)
