@@ -69,13 +69,34 @@ def supervised(criterion: Callable[[Any, Any], torch.Tensor]) -> BatchLoss:
     return loss_fn
 
 
-def as_batch_loss(loss: Any) -> BatchLoss:
+def as_batch_loss(loss: Any, reduction: str | None = None) -> BatchLoss:
     """Normalise a loss argument to the batch-loss convention.
 
     An ``nn.Module`` loss (subclass of ``torch.nn.modules.loss._Loss``) is wrapped
     with :func:`supervised`; any other callable is taken to be ``loss_fn(model, batch)``.
+
+    Args:
+        loss: the loss argument.
+        reduction: the reduction the caller's mathematics assumes (``"mean"`` for a
+            batch mean, whose batches are then weighted by their sizes). An nn loss
+            module with another reduction is refused: a ``"sum"`` loss would pass
+            every shape check and silently scale and misweight the result.
+
+    Example:
+        >>> as_batch_loss(nn.MSELoss(reduction="sum"), reduction="mean")
+        Traceback (most recent call last):
+        ...
+        ValueError: loss_fn: MSELoss(reduction='sum') returns a sum; this needs reduction='mean' (the mean loss of a batch)
     """
     if isinstance(loss, nn.modules.loss._Loss):
+        have = getattr(loss, "reduction", None)
+        if reduction is not None and have is not None and have != reduction:
+            what = {"mean": "the mean loss of a batch", "none": "one loss per example"}
+            raise ValueError(
+                f"loss_fn: {type(loss).__name__}(reduction={have!r}) returns "
+                f"{'a sum' if have == 'sum' else what.get(have, repr(have))}; this needs "
+                f"reduction={reduction!r} ({what.get(reduction, reduction)})"
+            )
         return supervised(loss)
     if not callable(loss):
         raise TypeError(

@@ -245,7 +245,7 @@ class HessianOperator:
         if hvp == "linearize" and (why := linearize_blocker(loss_fn)) is not None:
             raise ValueError(f"hvp='linearize': {why}")
         self.model = model
-        self.loss_fn = as_batch_loss(loss_fn)
+        self.loss_fn = as_batch_loss(loss_fn, reduction="mean")
         self.mode = mode
         self.param_names = _select_names(model, params)
         named = dict(model.named_parameters())

@@ -293,7 +293,7 @@ def per_example_gradients(
         >>> torch.allclose(gw[:, 0], lin(x).detach() * x)  # d/dw 0.5 (w.x)^2 = (w.x) x
         True
     """
-    loss_fn = as_batch_loss(loss_fn)
+    loss_fn = as_batch_loss(loss_fn, reduction="none")
     n = batch_size(batch)
     chosen = (
         list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -394,7 +394,7 @@ def perturbed_gradient(
         >>> torch.allclose(G, (w + torch.tensor([[0.1, 0.0]])) / 2)
         True
     """
-    loss_fn = as_batch_loss(loss_fn)
+    loss_fn = as_batch_loss(loss_fn, reduction="none")
     n = batch_size(batch)
     chosen = (
         list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -458,7 +458,7 @@ def per_instance_target(
         >>> per_instance_target(lin, per_ex, x, rho=0.5)[0]   # (1/2)(w_i + 0.5) e_i
         tensor([[0.7500, 1.2500]])
     """
-    loss_fn = as_batch_loss(loss_fn)
+    loss_fn = as_batch_loss(loss_fn, reduction="none")
     rho = check_nonneg_float("rho", rho)
     n = batch_size(batch)
     chosen = (
@@ -743,7 +743,7 @@ class DeltaSAM(BatchDrivenSAM):
                 "DeltaSAM.step(loss_fn, batch): loss_fn (loss_fn(model, batch) -> one loss "
                 "per example) and batch are required"
             )
-        loss_fn = as_batch_loss(loss_fn)
+        loss_fn = as_batch_loss(loss_fn, reduction="none")
         n = batch_size(batch)
         calls = {"n": 0}
 

@@ -307,7 +307,7 @@ class MSAM(BatchDrivenSAM):
                 "MSAM.step(loss_fn, batch): loss_fn (loss_fn(model, micro_batch) -> mean "
                 "loss) and batch are required; a closure cannot be split into micro-batches"
             )
-        loss_fn = as_batch_loss(loss_fn)
+        loss_fn = as_batch_loss(loss_fn, reduction="mean")
         n = batch_size(batch)
         m = self.micro_batches
         if m > n:

@@ -145,7 +145,7 @@ class Objective:
         self.device = resolve_device(device) if device is not None else first.device
         self.dtype = dtype if dtype is not None else first.dtype
         self.mode = mode
-        self.loss_fn = as_batch_loss(loss_fn)
+        self.loss_fn = as_batch_loss(loss_fn, reduction="mean")
         self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
         self.model.train(mode == "train")
         named = dict(self.model.named_parameters())

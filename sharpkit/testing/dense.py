@@ -51,7 +51,7 @@ def dense_hessian(
     """
     if mode not in ("eval", "train"):
         raise ValueError(f"mode: expected 'eval' or 'train', got {mode!r}")
-    loss_fn = as_batch_loss(loss_fn)
+    loss_fn = as_batch_loss(loss_fn, reduction="mean")
     named = dict(model.named_parameters())
     if params is None:
         names = [n for n, p in named.items() if p.requires_grad]
