@@ -30,6 +30,10 @@ SPEC = textwrap.dedent(
 
     def not_a_model():
         return 3
+
+
+    def summed():
+        return nn.CrossEntropyLoss(reduction="sum")
     """
 )
 
@@ -133,6 +137,9 @@ def test_refusals(tmp_path, spec, capsys) -> None:
         ["measure", good, "--model", f"{spec}:not_a_model", *base[2:]], capsys, "not an nn.Module"
     )
     _refused(["measure", good, *base, "--set", "worst_case.rho"], capsys, "--set")
+    # a summed loss would scale every metric by the batch size: refused, naming it
+    _refused(["measure", good, *base, "--loss", f"{spec}:summed"], capsys, "reduction='sum'")
+    _refused(["measure", "--demo", "--loss", "mse"], capsys, "takes no --loss")
     # a known crash of torch's tracer is refused, not run
     _refused(
         ["measure", good, *base, "--loss", "mse", "--hvp", "linearize"], capsys, "--hvp linearize"

@@ -179,11 +179,18 @@ def _load_loss(spec: str) -> Any:
     if spec == "mse":
         return nn.MSELoss()
     try:
-        return load_spec(spec, "loss")()
+        loss = load_spec(spec, "loss")()
     except BadInput:
         raise
     except Exception as err:
         raise BadInput(f"--loss: calling {spec!r} failed: {err}") from None
+    from sharpkit._batch import as_batch_loss
+
+    try:
+        as_batch_loss(loss, reduction="mean")
+    except (TypeError, ValueError) as err:
+        raise BadInput(f"--loss: {spec!r} returned an unusable loss: {err}") from None
+    return loss
 
 
 def _check_hvp(hvp: str, loss: Any) -> None:
@@ -346,6 +353,8 @@ def _validate(args: Any) -> tuple[Any, Any, list[Any], Any]:
     if args.demo:
         if args.checkpoints or args.model or args.data:
             raise BadInput("--demo: takes no CHECKPOINT, --model or --data")
+        if args.loss != "cross_entropy":
+            raise BadInput("--demo: measures its classifier with cross_entropy; takes no --loss")
         return None, None, [], None
     if not args.checkpoints:
         raise BadInput("give a CHECKPOINT (with --model and --data), or --demo")
