@@ -34,7 +34,7 @@ Measured, per model:
   (tracemalloc does not see torch's CPU allocations: a 200 MB tensor reads ~0 there); CUDA: ``max_memory_allocated``.
 
 Run: ``python -m analysis.benchmarks.bench_curvature [--quick] [--device cuda]``;
-writes analysis/benchmarks/results/curvature.md (and .json).
+writes analysis/benchmarks/results/curvature.md (``curvature_cuda.md`` on a GPU; and .json).
 """
 
 from __future__ import annotations
@@ -501,9 +501,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer timing rounds, one model")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    ap.add_argument("--out", default=str(RESULTS / "curvature.md"))
+    ap.add_argument("--out", default=None, help="default: results/curvature[_DEVICE].md")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
+    if args.out is None:  # a GPU run never overwrites the CPU table
+        suffix = "" if device.type == "cpu" else f"_{device.type}"
+        args.out = str(RESULTS / f"curvature{suffix}.md")
     rounds = 5 if args.quick else 15
     names = list(MODELS)[:1] if args.quick else list(MODELS)
     measured = [bench_model(n, device, rounds, not args.no_memory) for n in names]
