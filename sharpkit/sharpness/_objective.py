@@ -167,9 +167,9 @@ class Objective:
         self.batches = batches
         self.sizes = [batch_size(b) for b in batches]
         self.cost = Cost()
-        # every evaluation replays one random state: with dropout in training mode the
-        # metrics compare losses under the same masks, not mask noise
-        #: the random state every evaluation replays (shared with a report's Hessian)
+        #: the random state every evaluation replays, so that with dropout in training
+        #: mode the metrics compare losses under the same masks (a report's Hessian and
+        #: m-sharpness objectives share it)
         self.random_state = RandomState(self.params)
 
     def replayed(self) -> contextlib.AbstractContextManager[None]:
