@@ -185,16 +185,7 @@ def timing_cases(
     def trainable(m: nn.Module) -> list[torch.Tensor]:
         return [p for p in m.parameters() if p.requires_grad]
 
-    cases = []
-    m = factory()
-    sam = SAM(trainable(m), torch.optim.SGD, rho=0.05, model=m, **kw)
-
-    def closure(m: nn.Module = m) -> torch.Tensor:
-        loss = per_example(m, batch).mean()
-        loss.backward()
-        return loss
-
-    cases.append(Case("SAM", lambda: sam.step(closure), group=name))
+    cases = [Case("SAM", sam_step(factory(), batch, per_example, kw), group=name)]
 
     def mean_loss(model: Any, b: Any) -> torch.Tensor:
         return per_example(model, b).mean()
@@ -218,6 +209,21 @@ def timing_cases(
     return cases
 
 
+def sam_step(
+    m: nn.Module, batch: Any, per_example: Callable[..., Any], kw: dict[str, Any]
+) -> Callable[[], Any]:
+    """One SAM step (the baseline) on ``m``'s trainable parameters, as a callable."""
+    sam = SAM([p for p in m.parameters() if p.requires_grad], torch.optim.SGD, rho=0.05,
+              model=m, **kw)  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        loss = per_example(m, batch).mean()
+        loss.backward()
+        return loss
+
+    return lambda: sam.step(closure)
+
+
 def floor_cases(
     name: str, m: nn.Module, batch: Any, per_example: Callable[..., Any], kw: dict[str, Any]
 ) -> list[Case]:
@@ -234,15 +240,10 @@ def floor_cases(
     """
     params = [p for p in m.parameters() if p.requires_grad]
     names = [n for n, p in m.named_parameters() if p.requires_grad]
-    sam = SAM(params, torch.optim.SGD, rho=0.05, model=m, **kw)
-
-    def closure() -> torch.Tensor:
-        loss = per_example(m, batch).mean()
-        loss.backward()
-        return loss
+    step = sam_step(m, batch, per_example, kw)
 
     def sam_plus_forward() -> None:
-        sam.step(closure)
+        step()
         with torch.no_grad():
             per_example(m, batch)
 
