@@ -72,10 +72,13 @@ assert torch.allclose(w.detach(), expected, atol=1e-14)
 # ASAM (Kwon et al., 2021) rescales the ball elementwise by $T_w = |w| + \xi$,
 # $e = \rho\, T_w^2 g / \|T_w g\|$, which makes the probed sharpness invariant to
 # rescalings of the weights that leave a ReLU network's function unchanged.
+# Like the authors' code, sharpkit applies $T_w$ to weight tensors only and
+# perturbs biases (parameters with at most one dimension) with $T = 1$; this
+# toy's $w$ is a single vector, so `adaptive_bias=True` scales it as a weight.
 
 # %%
 w = nn.Parameter(w0.clone())
-opt = ASAM([w], torch.optim.SGD, rho=0.5, xi=0.01, lr=lr)
+opt = ASAM([w], torch.optim.SGD, rho=0.5, xi=0.01, adaptive_bias=True, lr=lr)
 opt.step(closure)
 t = w0.abs() + 0.01
 expected = w0 - lr * A @ (w0 + 0.5 * t**2 * g / (t * g).norm())

@@ -183,7 +183,8 @@ for k, v in timings.items():
 # \lambda = \mathrm{softmax}(u/\tau).$$
 #
 # $\tau\to\infty$ is SAM. The loss returns **one loss per example**
-# (`reduction='none'`), and `step` returns the per-example losses at $w$.
+# (`reduction='none'`); `step` returns their mean at $w$, like every sharpkit
+# optimizer, and keeps them in `opt.last_losses`.
 
 
 # %%

@@ -106,6 +106,11 @@ class BAR(WrappedOptimizer):
         on_missing: ``"raise"`` or ``"warn"`` when there is no pair.
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``weight_decay``...).
 
+    Returns:
+        ``step(closure)`` returns what the closure returned; ``step(loss_fn=...,
+        batch=...)`` (with ``model=``) the mean loss at ``w``, detached; ``step()``
+        on gradients already in ``.grad`` returns ``None``.
+
     Example:
         >>> import torch
         >>> from sharpkit.balance import LoRALinear, balancedness, find_pairs

@@ -231,6 +231,10 @@ class MSAM(BatchDrivenSAM):
         path: ``'auto'``, ``'vectorised'`` (alias ``'vectorized'``) or ``'sequential'``.
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
 
+    Returns:
+        ``step(loss_fn=..., batch=...)`` returns the loss at ``w``,
+        :math:`\sum_j (n_j/n) L_{B_j}(w)`, as a detached 0-d tensor.
+
     Example:
         >>> import torch
         >>> from sharpkit.optim.msam import MSAM

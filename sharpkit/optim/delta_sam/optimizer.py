@@ -106,6 +106,10 @@ class DeltaSAM(BatchDrivenSAM):
         seed: seed of the probes' random generator (its state is in ``state_dict``).
         **base_kwargs: passed to ``base_optimizer``.
 
+    Returns:
+        ``step(loss_fn=..., batch=...)`` returns the mean loss at ``w`` as a
+        detached 0-d tensor (per-example values in ``last_losses``).
+
     Example:
         >>> import torch
         >>> from sharpkit.optim import DeltaSAM
