@@ -184,6 +184,13 @@ class BAR(WrappedOptimizer):
                     "makes the factor 1 - a_t * lr zero or negative; BAR needs mu0 * lr < 1"
                 )
 
+    def check_hyperparameters(self) -> None:
+        """Also ``variant``, ``schedule`` and ``total_steps``, in case they were changed."""
+        super().check_hyperparameters()
+        if not isinstance(self.variant, str) or self.variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
+        self.schedule, self.total_steps = check_schedule(self.schedule, self.total_steps)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._layout = None

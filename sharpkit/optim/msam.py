@@ -288,7 +288,14 @@ class MSAM(BatchDrivenSAM):
 
     # -- the step: mSAM's hooks ------------------------------------------------------
 
+    def check_hyperparameters(self) -> None:
+        """Also ``micro_batches`` and ``path``, in case they were changed after construction."""
+        super().check_hyperparameters()
+        self.micro_batches = _check_micro_batches(self.micro_batches)
+        self.path = _check_path(self.path)
+
     def _oracle(self, closure: Any, loss_fn: Any, batch: Any) -> Oracle | None:
+        self.check_hyperparameters()  # micro_batches is compared with the batch below
         oracle = super()._oracle(closure, loss_fn, batch)
         if oracle is not None and self.micro_batches > oracle.n:
             raise ValueError(

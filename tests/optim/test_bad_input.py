@@ -259,3 +259,34 @@ def test_step_arguments_are_checked_before_compute() -> None:
         msam.step(lambda: _ce(net, _batch()).backward())
     with pytest.raises(ValueError, match="micro_batches"):
         msam.step(loss_fn=_ce, batch=_batch(2))
+
+
+def test_settings_kept_as_attributes_are_checked_at_step() -> None:
+    net = _net()
+    cases = [
+        (DeltaSAM(net.parameters(), torch.optim.SGD, model=net, lr=0.1), "probes", 0, _ce_none),
+        (DeltaSAM(net.parameters(), torch.optim.SGD, model=net, lr=0.1), "mode", "x", _ce_none),
+        (MSAM(net.parameters(), torch.optim.SGD, model=net, lr=0.1), "micro_batches", 0, _ce),
+        (MSAM(net.parameters(), torch.optim.SGD, model=net, lr=0.1), "path", "fast", _ce),
+    ]
+    for opt, attr, value, loss in cases:
+        setattr(opt, attr, value)
+        w = [p.detach().clone() for p in net.parameters()]
+        with pytest.raises(ValueError, match=attr):
+            opt.step(loss_fn=loss, batch=_batch())
+        assert all(torch.equal(a, b) for a, b in zip(net.parameters(), w))
+    lora = _lora()
+    bar = BAR(lora.parameters(), torch.optim.SGD, mu0=0.5, model=lora, lr=0.1)
+    bar.schedule = "exponential"
+    with pytest.raises(ValueError, match="schedule"):
+        bar.step(loss_fn=_mse, batch=(_batch()[0],))
+
+
+def test_deltasam_refuses_a_bad_generator_state() -> None:
+    net = _net()
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, model=net, mode="probe", lr=0.1)
+    opt.step(loss_fn=_ce_none, batch=_batch())
+    sd = opt.state_dict()
+    with pytest.raises(ValueError, match="delta_sam_generator"):
+        opt.load_state_dict({**sd, "delta_sam_generator": torch.zeros(3)})
+    opt.load_state_dict(sd)  # the real one loads

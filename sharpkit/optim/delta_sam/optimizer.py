@@ -152,21 +152,13 @@ class DeltaSAM(BatchDrivenSAM):
                 "model: DeltaSAM needs the module, as model=..., because it evaluates "
                 "loss_fn(model, batch) itself"
             )
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        _check_settings(mode, probes, probe_radius)
         if weighting is not None and tau is not None:
             raise ValueError("tau: applies to the default weighting; do not pass it with weighting")
         if weighting is None:
             weighting = UnguardednessSoftmax(1.0 if tau is None else tau)
         elif not callable(weighting):
             raise TypeError(f"weighting: expected a callable, got {type(weighting).__name__}")
-        if isinstance(probes, bool) or not isinstance(probes, int):
-            raise TypeError(f"probes: expected a positive integer, got {probes!r}")
-        if probes < 1:
-            raise ValueError(f"probes: must be >= 1, got {probes}")
-        probe_radius = check_nonneg_float("probe_radius", probe_radius)
-        if probe_radius == 0.0:
-            raise ValueError("probe_radius: must be > 0")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed: expected an integer, got {seed!r}")
         defaults = {"rho": check_nonneg_float("rho", rho)}
@@ -174,7 +166,7 @@ class DeltaSAM(BatchDrivenSAM):
         self.mode = mode
         self.weighting = weighting
         self.probes = probes
-        self.probe_radius = probe_radius
+        self.probe_radius = float(probe_radius)
         self.seed = seed
         self._generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
@@ -193,9 +185,25 @@ class DeltaSAM(BatchDrivenSAM):
             sd["delta_sam_generator"] = self._generator.get_state()
         return sd
 
+    def check_hyperparameters(self) -> None:
+        """Also the settings kept as attributes (``mode``, ``probes``, ``probe_radius``,
+        ``weighting``), in case they were changed after construction."""
+        super().check_hyperparameters()
+        _check_settings(self.mode, self.probes, self.probe_radius)
+        if not callable(self.weighting):
+            raise TypeError(f"weighting: expected a callable, got {type(self.weighting).__name__}")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        gen_state = state_dict.pop("delta_sam_generator", None)
+        gen_state = state_dict.get("delta_sam_generator") if isinstance(state_dict, dict) else None
+        if gen_state is not None:
+            try:
+                torch.Generator().set_state(gen_state)
+            except (TypeError, RuntimeError) as err:
+                raise ValueError(
+                    f"state_dict: 'delta_sam_generator' is not a generator state ({err})"
+                ) from None
+        if isinstance(state_dict, dict):
+            state_dict = {k: v for k, v in state_dict.items() if k != "delta_sam_generator"}
         super().load_state_dict(state_dict)
         self._generator = None
         self._pending_generator_state = gen_state
@@ -338,3 +346,14 @@ class DeltaSAM(BatchDrivenSAM):
                 )
                 return out
         return pe.per_example_losses_at(self.model, loss_fn, batch, stacked, vectorise=False, **kw)
+
+
+def _check_settings(mode: Any, probes: Any, probe_radius: Any) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if isinstance(probes, bool) or not isinstance(probes, int):
+        raise TypeError(f"probes: expected a positive integer, got {probes!r}")
+    if probes < 1:
+        raise ValueError(f"probes: must be >= 1, got {probes}")
+    if check_nonneg_float("probe_radius", probe_radius) == 0.0:
+        raise ValueError("probe_radius: must be > 0")
