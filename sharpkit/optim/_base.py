@@ -403,7 +403,6 @@ class WrappedOptimizer(Optimizer):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module or None, got {type(model).__name__}")
         self._wrapper_ready = False
-        self._in_step = False
         self._backup: list[torch.Tensor] = []
         self._backup_params: list[torch.Tensor] = []
         self._weights_saved = False
@@ -604,7 +603,6 @@ class WrappedOptimizer(Optimizer):
             torch._foreach_copy_(self._backup_params, self._backup)
 
     def _begin(self) -> None:
-        self._in_step = True
         self._step_loss: Any = None
         self._weights_saved = False
         self._state_saved = False
@@ -623,7 +621,6 @@ class WrappedOptimizer(Optimizer):
         self._restore_extra(self._extra_snapshot)
 
     def _end(self) -> None:
-        self._in_step = False
         self._weights_saved = False
         self._state_saved = False
         self._extra_snapshot = None
@@ -708,26 +705,25 @@ class WrappedOptimizer(Optimizer):
         return self._transaction(oracle)
 
     def _transaction(self, oracle: Oracle | None) -> Any:
+        """Run the hooks and the base step; restore everything on exception or skip."""
         self._begin()
-        loss: Any = None
         try:
-            try:
-                loss = self._run(oracle)
-                if not self._guarded_base_step():
-                    self._rollback()  # skipped: the buffers of the clean pass go too
-                    return loss
-            except SkipStep as skip:
+            loss = self._run(oracle)
+            if self._guarded_base_step():
+                self._committed()
+            else:  # skipped (non-finite gradient, found_inf): the clean pass's buffers go too
                 self._rollback()
-                if skip.message:
-                    warnings.warn(
-                        f"{type(self).__name__}: {skip.message}; the step was skipped and "
-                        "the weights are unchanged",
-                        RuntimeWarning,
-                        stacklevel=4,
-                    )
-                return self._step_loss
-            self._committed()
             return loss
+        except SkipStep as skip:
+            self._rollback()
+            if skip.message:
+                warnings.warn(
+                    f"{type(self).__name__}: {skip.message}; the step was skipped and "
+                    "the weights are unchanged",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            return self._step_loss
         except BaseException:
             self._rollback()
             raise
