@@ -175,7 +175,7 @@ class HessianOperator:
             may hold, measured as the storage of the tensors the graph saves plus
             the gradients (the parameters and batches, held anyway, not counted).
             ``None``: :func:`default_cache_budget` (a quarter of the memory
-            available on the device at the first product). The budget is not
+            available on the device at construction). The budget is not
             applied to ``"linearize"``.
         random_state: the random state every evaluation replays
             (:class:`sharpkit._rng.RandomState`); ``None`` takes the global state at

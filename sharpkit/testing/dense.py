@@ -1,4 +1,4 @@
-"""Dense float64 Hessians through ``torch.func.hessian`` (the test oracle)."""
+"""Dense float64 Hessians through ``torch.func`` forward-over-reverse (the test oracle)."""
 
 from __future__ import annotations
 
@@ -28,10 +28,12 @@ def dense_hessian(
     ``H = d^2/dw^2 sum_b (n_b/N) L_b(w)`` with ``w`` the selected parameters
     flattened in ``named_parameters`` order (the order of
     :class:`sharpkit.curvature.HessianOperator`). Computed in one
-    ``torch.func.hessian`` call on a flat parameter vector, with every parameter,
-    buffer and floating input cast to float64 (in train mode through
-    ``torch.autograd.functional.hessian`` instead, see the code). Cost ``O(dim^2)`` memory: tiny
-    models only.
+    ``torch.func.jacfwd(torch.func.grad(.))`` call on a flat parameter vector (in
+    train mode through ``torch.autograd.functional.hessian`` instead, see the code),
+    with every parameter, buffer and floating input cast to float64, through the
+    functional layer (the module is never written to; attention runs on its math
+    kernels, which have second derivatives). Cost ``O(dim^2)`` memory: tiny models
+    only.
 
     Args:
         model: the network; never modified (its modes are restored).
@@ -80,8 +82,12 @@ def dense_hessian(
         return out
 
     if mode == "eval":
+        # forward over reverse: jacfwd of grad. Not torch.func.hessian (jacfwd of
+        # jacrev): in torch 2.13 that returns a wrong, asymmetric matrix on models with
+        # LayerNorm (rows of the norm's weight off by O(0.1), checked against finite
+        # differences of gradients), while jacfwd(grad) and plain autograd agree.
         with torch_internal_notices_hidden():
-            hess = torch.func.hessian(objective)(w0)
+            hess = torch.func.jacfwd(torch.func.grad(objective))(w0)
     else:
         # torch.func.hessian vmaps forward-mode over BatchNorm's in-place running-
         # statistics update in train mode and returns a wrong matrix (checked against
