@@ -377,6 +377,7 @@ class FrozenModel:
         self.buffers = {n: self._cast(b) for n, b in model.named_buffers()}
         self.tied = _has_tied_tensors(model)
         self.caller_mode = _describe_modes(_module_modes(model))
+        self._plain_train = all(type(m).train is nn.Module.train for m in model.modules())
         self.random_state = (
             random_state if random_state is not None else RandomState(self.values.values())
         )
@@ -451,8 +452,13 @@ class FrozenModel:
         """Context for evaluations: the module in ``mode``, the random state replayed,
         and with ``second_order`` the attention kernels of :func:`second_order_kernels`.
         Every submodule's own mode is restored afterwards."""
-        saved = _module_modes(self.model)
-        self.model.train(self.mode == "train")
+        flag = self.mode == "train"
+        changed = [m for m in self.model.modules() if m.training != flag]
+        if changed and self._plain_train:
+            for m in changed:  # the flag itself: what Module.train sets, without its walk
+                m.__dict__["training"] = flag
+        elif changed:
+            self.model.train(flag)  # some module overrides train(): let it run
         try:
             with self.random_state.replayed():
                 if second_order:
@@ -461,8 +467,8 @@ class FrozenModel:
                 else:
                     yield
         finally:
-            for m, flag in saved.items():
-                m.training = flag
+            for m in changed:
+                m.__dict__["training"] = not flag
 
 
 # ----------------------------------------------------------------------------
