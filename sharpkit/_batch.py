@@ -17,11 +17,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from sharpkit._functional import tree_flatten
 
 __all__ = [
     "BatchLoss",
@@ -107,16 +109,8 @@ def as_batch_loss(loss: Any, reduction: str | None = None) -> BatchLoss:
 
 
 def _first_tensor(batch: Any) -> torch.Tensor | None:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, (tuple, list)):
-        for item in batch:
-            t = _first_tensor(item)
-            if t is not None:
-                return t
-    return None
+    leaves, _ = tree_flatten(batch)
+    return next((t for t in leaves if isinstance(t, torch.Tensor)), None)
 
 
 def batch_size(batch: Any) -> int:
@@ -163,18 +157,22 @@ def iter_batches(data: Any) -> Iterator[Any]:
 def move_batch(
     batch: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> Any:
-    """Move every tensor of ``batch`` to ``device``; cast floating tensors to ``dtype``."""
-    if isinstance(batch, torch.Tensor):
-        if dtype is not None and batch.is_floating_point():
-            return batch.to(device=device, dtype=dtype)
-        return batch.to(device=device) if device is not None else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({k: move_batch(v, device, dtype) for k, v in batch.items()})
-    if isinstance(batch, tuple):
-        return tuple(move_batch(v, device, dtype) for v in batch)
-    if isinstance(batch, list):
-        return [move_batch(v, device, dtype) for v in batch]
-    return batch
+    """Move every tensor of ``batch`` to ``device``; cast floating tensors to ``dtype``.
+
+    Example:
+        >>> move_batch({"x": torch.zeros(2), "y": torch.zeros(2, dtype=torch.long)}, dtype=torch.float64)
+        {'x': tensor([0., 0.], dtype=torch.float64), 'y': tensor([0, 0])}
+    """
+
+    def move(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device=device) if device is not None else t
+
+    leaves, rebuild = tree_flatten(batch)
+    return rebuild([move(t) for t in leaves])
 
 
 def split_batch(batch: Any, parts: int) -> list[Any]:
@@ -195,15 +193,11 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
             f"parts: cannot split a batch of {n} examples into {parts} non-empty pieces"
         )
 
-    def split(x: Any) -> Sequence[Any]:
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n:
-            return torch.tensor_split(x, parts)
-        if isinstance(x, Mapping):
-            pieces = {k: split(v) for k, v in x.items()}
-            return [type(x)({k: pieces[k][i] for k in x}) for i in range(parts)]
-        if isinstance(x, (tuple, list)):
-            pieces = [split(v) for v in x]
-            return [type(x)(p[i] for p in pieces) for i in range(parts)]
-        return [x] * parts
-
-    return list(split(batch))
+    leaves, rebuild = tree_flatten(batch)
+    pieces = [
+        torch.tensor_split(x, parts)
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n
+        else [x] * parts
+        for x in leaves
+    ]
+    return [rebuild([p[i] for p in pieces]) for i in range(parts)]

@@ -7,15 +7,18 @@ example-weighted average
 
     L(w) = sum_b (n_b / N) L_b(w),   N = sum_b n_b,   H v = sum_b (n_b / N) H_b v,
 
-so a short last batch weighs less (PAPERS.md section 5). ``H v`` is never formed
+so a short last batch weighs less (see ``docs/theory.md``). ``H v`` is never formed
 from a dense ``H``: it is one Hessian-vector product through ``torch.func``'s
 ``functional_call``: reverse-over-reverse (double backward), forward-over-reverse
 (``jvp`` of ``grad``, Pearlmutter 1994), or forward-over-reverse on a cached
 linearisation of the gradient map (``torch.func.linearize``: the map
 ``v -> H v`` is traced once per batch, and each product then evaluates only its
 tangent part, none of the forward or backward pass). Parameters and
-buffers are passed to ``functional_call`` explicitly, frozen at construction, so
-the caller's model is never written to. The module mode is explicit (``"eval"``
+buffers are passed to ``functional_call`` explicitly, frozen at construction
+(:class:`sharpkit._functional.FrozenModel`), so the caller's model is never
+written to. Attention runs on kernels with second derivatives inside every
+product (:func:`sharpkit._functional.second_order_kernels`), so transformers
+work at their default attention. The module mode is explicit (``"eval"``
 by default); the caller's modes are restored after every product and recorded.
 Every evaluation replays the random-number state of construction, so a model
 with dropout in ``"train"`` mode gives the Hessian of one fixed draw of its
@@ -28,21 +31,31 @@ References:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch
-from sharpkit._device import resolve_device
+from sharpkit._functional import (
+    FrozenModel,
+    RandomState,
+    check_model_mode_dtype,
+    second_order_kernels,
+    tree_flatten,
+)
 from sharpkit._quiet import torch_internal_notices_hidden
-from sharpkit._rng import RandomState
 from sharpkit.io.results import MeasurementProtocol
 
-__all__ = ["HVP_IMPLEMENTATIONS", "HessianOperator", "linearize_blocker"]
+__all__ = [
+    "CACHE_SHARE",
+    "HVP_IMPLEMENTATIONS",
+    "HessianOperator",
+    "default_cache_budget",
+    "linearize_blocker",
+]
 
 #: Hessian-vector-product implementations: reverse-over-reverse (double backward,
 #: the gradient graph of a single batch is cached and reused), torch.func
@@ -64,8 +77,6 @@ HVP_IMPLEMENTATIONS = ("rev-rev", "fwd-rev", "linearize")
 _DEFAULT_HVP = {"cpu": "rev-rev", "cuda": "rev-rev"}
 _CACHING = ("rev-rev", "linearize")
 
-_MODES = ("eval", "train")
-
 
 def linearize_blocker(loss_fn: Any) -> str | None:
     """Why ``hvp="linearize"`` must not run with ``loss_fn``, or ``None``.
@@ -83,71 +94,55 @@ def linearize_blocker(loss_fn: Any) -> str | None:
     return None
 
 
-def _check_model_mode_dtype(model: Any, mode: Any, dtype: Any) -> None:
-    """The argument checks shared by every measurement on a model (Hessian, sharpness)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if mode not in _MODES:
-        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+#: The share of the device's available memory that the default cache budget may use.
+CACHE_SHARE = 0.25
+#: The budget where the available memory cannot be read (1 GiB).
+_FALLBACK_BUDGET = 1 << 30
 
 
-def _select_names(model: nn.Module, params: Any, *, allow_frozen: bool = False) -> list[str]:
-    """Parameter names chosen by ``params`` (None, a list of names or a predicate).
+def default_cache_budget(device: torch.device | str) -> int:
+    """The default memory budget (bytes) of the cached gradient graphs on ``device``.
 
-    ``allow_frozen`` accepts explicitly named parameters with ``requires_grad=False``
-    (metrics that perturb a private copy may select them; Hessians may not).
+    A quarter (:data:`CACHE_SHARE`) of the memory available now: on CUDA the free
+    device memory (``torch.cuda.mem_get_info``), on the CPU the ``MemAvailable``
+    of ``/proc/meminfo`` (where it cannot be read, 1 GiB).
+
+    Example:
+        >>> default_cache_budget("cpu") > 0
+        True
     """
-    named = dict(model.named_parameters())
-    if params is None:
-        names = [n for n, p in named.items() if p.requires_grad]
-        if not names:
-            raise ValueError(
-                "params: the model has no trainable parameters (all have requires_grad=False)"
-            )
-        return names
-    if callable(params) and not isinstance(params, (str, list, tuple)):
-        names = [n for n in named if params(n)]
-        if not names:
-            raise ValueError("params: the predicate selected no parameter")
-    elif isinstance(params, (list, tuple)):
-        if not params:
-            raise ValueError("params: the list of parameter names is empty")
-        names = []
-        for n in params:
-            if not isinstance(n, str):
-                raise TypeError(f"params: expected parameter names (str), got {type(n).__name__}")
-            if n not in named:
-                raise ValueError(f"params: the model has no parameter named {n!r}")
-            if n in names:
-                raise ValueError(f"params: {n!r} is listed twice")
-            names.append(n)
-    else:
-        raise TypeError(
-            "params: expected None, a list of parameter names or a predicate on names, "
-            f"got {type(params).__name__}"
-        )
-    frozen = [n for n in names if not named[n].requires_grad]
-    if frozen and not allow_frozen:
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CACHE_SHARE)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * CACHE_SHARE)
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * CACHE_SHARE)
+    except (ValueError, OSError, AttributeError):
+        return _FALLBACK_BUDGET
+
+
+def _check_cache_options(hvp: str, cache_graph: Any, cache_budget: Any) -> None:
+    if cache_graph is not None and not isinstance(cache_graph, bool):
+        raise TypeError(f"cache_graph: expected True, False or None, got {cache_graph!r}")
+    if cache_budget is None:
+        return
+    if isinstance(cache_budget, bool) or not isinstance(cache_budget, int) or cache_budget < 0:
         raise ValueError(
-            f"params: {frozen} have requires_grad=False (no gradient); select trainable "
-            "parameters only"
+            f"cache_budget: expected a number of bytes (a non-negative int) or None, "
+            f"got {cache_budget!r}"
         )
-    return names
-
-
-def _module_modes(model: nn.Module) -> dict[nn.Module, bool]:
-    return {m: m.training for m in model.modules()}
-
-
-def _describe_modes(modes: dict[nn.Module, bool]) -> str:
-    flags = set(modes.values())
-    if flags == {True}:
-        return "train"
-    if flags == {False}:
-        return "eval"
-    return "mixed"
+    if cache_graph is not None:
+        raise ValueError(
+            f"cache_budget: applies to cache_graph=None (cache within a budget), not "
+            f"cache_graph={cache_graph}"
+        )
 
 
 class HessianOperator:
@@ -171,33 +166,50 @@ class HessianOperator:
         hvp: ``"auto"`` (the measured default for the device, see below),
             ``"rev-rev"``, ``"fwd-rev"`` or ``"linearize"`` (opt-in, see below).
         cache_graph: keep per-batch work for reuse by every product. Reverse-over-
-            reverse keeps each batch's gradient graph (one double-backward per
-            product instead of a forward, a backward and a double-backward);
-            ``"linearize"`` always caches (its linearisation is the cache).
-            ``None`` caches when the data is a single batch. Costs the memory of
-            the graphs (about the activations of the forward and backward passes).
+            reverse keeps each batch's gradient graph (one double backward per
+            product instead of a forward, a backward and a double backward);
+            ``"linearize"`` always caches (its linearisation is the cache). ``True``
+            caches every batch, ``False`` none, ``None`` (default) as many batches as
+            ``cache_budget`` holds, in order (at least the first).
+        cache_budget: the bytes the cached gradient graphs of ``cache_graph=None``
+            may hold, measured as the storage of the tensors the graph saves plus
+            the gradients (the parameters and batches, held anyway, not counted).
+            ``None``: :func:`default_cache_budget` (a quarter of the memory
+            available on the device at construction). The budget is not
+            applied to ``"linearize"``.
+        random_state: the random state every evaluation replays
+            (:class:`sharpkit._rng.RandomState`); ``None`` takes the global state at
+            construction. Pass another measurement's state to see the same draws
+            of dropout masks (the sharpness report does).
 
-    **Choice of implementation.** ``"auto"`` is ``"rev-rev"`` (cached for one
-    batch), the robust choice on every device. ``"linearize"``
-    (forward-over-reverse on a ``torch.func.linearize`` trace of ``v -> H v``,
-    made once per batch: 0.1-0.8 s for small models, about 1 s more on the first
-    use in a process) computes a product at 1.8 gradients on the CPU against
-    1.7-2.1 for the cached double backward and 3.3 for the uncached one that
-    several batches get by default (analysis/benchmarks/results/curvature.md),
-    but holds more memory (the trace keeps every intermediate: 2-5x the cached
-    graph's peak on those models). Worth it for long runs (trace, spectral
-    density) on convolutional or attention models. Opt in with care: in torch
-    2.13 the tracer crashes the process (segmentation fault) on ``nn.MSELoss``,
-    which is therefore refused with ``ValueError`` (:func:`linearize_blocker`;
+    **Choice of implementation.** ``"auto"`` is ``"rev-rev"``, cached within the
+    memory budget, the robust choice on every device: a cached product is one
+    double backward, an uncached one a forward, a backward and a double backward
+    (``analysis/benchmarks/results/curvature.md`` has the measured ratios).
+    ``"linearize"`` (forward-over-reverse on a ``torch.func.linearize`` trace of
+    ``v -> H v``, made once per batch) can be faster per product on convolutional
+    or attention models but holds more memory (the trace keeps every
+    intermediate) and pays a one-off trace. Opt in with care: in torch 2.13 the
+    tracer crashes the process (segmentation fault) on ``nn.MSELoss``, which is
+    therefore refused with ``ValueError`` (:func:`linearize_blocker`;
     ``F.mse_loss`` inside a function cannot be recognised); a model the tracer
     cannot trace raises ``RuntimeError`` at the first product. All
     implementations agree to rounding (tested against dense float64 Hessians).
+
+    **Attention.** The fused ``scaled_dot_product_attention`` kernels (flash,
+    memory-efficient) and the native fast path of ``nn.MultiheadAttention`` have
+    no second derivative; every product runs with the math backend and the fast
+    path off. :meth:`gradient` (first order) keeps the fused kernels.
 
     Attributes:
         dim: number of selected scalar parameters; ``shape == (dim, dim)``.
         num_matvecs: products computed so far (a product over m batches counts once).
         param_names: the selected parameter names, in flattening order.
         num_examples, num_batches: the data the operator averages over.
+        cache_graph: whether per-batch work is cached; ``cached_batches`` how many
+            batches are (known after the first product) and ``cache_bytes`` what
+            their graphs hold.
+        random_state: the random state every evaluation replays.
 
     Raises:
         ValueError: empty data, bad ``params``/``mode``/``hvp``; at product time a
@@ -209,7 +221,7 @@ class HessianOperator:
         The parameters, buffers and batches are copied at construction (in ``dtype``
         on ``device``): later optimizer steps on the model do not change the
         operator; build a new one at new weights. Memory: one copy of the model's
-        state and of the data, plus the cached graphs when ``cache_graph``.
+        state and of the data, plus the cached graphs (at most ``cache_budget``).
 
     References:
         Pearlmutter. Fast exact multiplication by the Hessian. Neural Computation 6(1),
@@ -237,102 +249,114 @@ class HessianOperator:
         device: torch.device | str | None = None,
         hvp: str = "auto",
         cache_graph: bool | None = None,
-        _batches: list[Any] | None = None,
-        _parent: HessianOperator | None = None,
-        _rng: RandomState | None = None,
+        cache_budget: int | None = None,
+        random_state: RandomState | None = None,
     ) -> None:
-        _check_model_mode_dtype(model, mode, dtype)
+        check_model_mode_dtype(model, mode, dtype)
         if hvp == "linearize" and (why := linearize_blocker(loss_fn)) is not None:
             raise ValueError(f"hvp='linearize': {why}")
-        self.model = model
-        self.loss_fn = as_batch_loss(loss_fn, reduction="mean")
-        self.mode = mode
-        self.param_names = _select_names(model, params)
-        named = dict(model.named_parameters())
-        first = named[self.param_names[0]]
-        self.device = resolve_device(device) if device is not None else first.device
-        self.dtype = dtype if dtype is not None else first.dtype
+        if hvp != "auto" and hvp not in HVP_IMPLEMENTATIONS:
+            raise ValueError(f"hvp: expected 'auto' or one of {HVP_IMPLEMENTATIONS}, got {hvp!r}")
+        _check_cache_options(hvp, cache_graph, cache_budget)
+        loss = as_batch_loss(loss_fn, reduction="mean")
+        frozen = FrozenModel(
+            model, params, mode=mode, dtype=dtype, device=device, random_state=random_state
+        )
+        batches = [move_batch(b, frozen.device, frozen.dtype) for b in iter_batches(data)]
+        self._setup(frozen, loss, batches, hvp, cache_graph, cache_budget)
+
+    @classmethod
+    def _on(
+        cls,
+        frozen: FrozenModel,
+        loss_fn: Any,
+        batches: list[Any],
+        *,
+        hvp: str = "auto",
+        cache_graph: bool | None = None,
+        cache_budget: int | None = None,
+    ) -> HessianOperator:
+        """The operator on an existing :class:`~sharpkit._functional.FrozenModel`
+        (its copies, selection and random state) and already materialised batches:
+        blocks of an operator, the Hessian of a sharpness objective."""
+        if hvp != "auto" and hvp not in HVP_IMPLEMENTATIONS:
+            raise ValueError(f"hvp: expected 'auto' or one of {HVP_IMPLEMENTATIONS}, got {hvp!r}")
+        _check_cache_options(hvp, cache_graph, cache_budget)
+        op = cls.__new__(cls)
+        op._setup(frozen, as_batch_loss(loss_fn, reduction="mean"), batches, hvp, cache_graph,
+                  cache_budget)  # fmt: skip
+        return op
+
+    def _setup(
+        self,
+        frozen: FrozenModel,
+        loss_fn: Any,
+        batches: list[Any],
+        hvp: str,
+        cache_graph: bool | None,
+        cache_budget: int | None,
+    ) -> None:
+        self._frozen = frozen
+        self.model = frozen.model
+        self.loss_fn = loss_fn
+        self.mode = frozen.mode
+        self.param_names = list(frozen.names)
+        self.device = frozen.device
+        self.dtype = frozen.dtype
+        self.random_state = frozen.random_state
         if hvp == "auto":
             hvp = _DEFAULT_HVP.get(self.device.type, "rev-rev")
-        if hvp not in HVP_IMPLEMENTATIONS:
-            raise ValueError(f"hvp: expected 'auto' or one of {HVP_IMPLEMENTATIONS}, got {hvp!r}")
-
-        def cast(t: torch.Tensor) -> torch.Tensor:
-            t = t.detach()
-            if t.is_floating_point():
-                return t.to(device=self.device, dtype=self.dtype, copy=True)
-            return t.to(device=self.device, copy=True)
-
-        # Frozen copies: the operator is the Hessian at the weights it was built with
-        # (blocks share their parent's copies).
-        if _parent is not None:
-            frozen = {**_parent._params, **_parent._const}
-            buffers = _parent._buffers
-        else:
-            frozen = {n: cast(p) for n, p in named.items()}
-            buffers = {n: cast(b) for n, b in model.named_buffers()}
-        self._params = {n: frozen[n] for n in self.param_names}
-        self._const = {n: t for n, t in frozen.items() if n not in self._params}
-        self._buffers = buffers
+        self._params = frozen.values
         self.shapes = [p.shape for p in self._params.values()]
         self.numels = [p.numel() for p in self._params.values()]
         self.dim = int(sum(self.numels))
         self.shape = (self.dim, self.dim)
-
-        if _batches is None:
-            _batches = [move_batch(b, self.device, self.dtype) for b in iter_batches(data)]
-        if not _batches:
+        if not batches:
             raise ValueError(
                 "data: no batches (empty data); the Hessian needs at least one example"
             )
-        self._batches = _batches
-        sizes = [batch_size(b) for b in _batches]
+        self._batches = batches
+        sizes = [batch_size(b) for b in batches]
         if any(s <= 0 for s in sizes):
             raise ValueError(f"data: a batch has no examples (batch sizes {sizes})")
         self.num_examples = int(sum(sizes))
         self.num_batches = len(sizes)
         self._weights = [s / self.num_examples for s in sizes]
-        self.caller_mode = _describe_modes(_module_modes(model))
-        if cache_graph is None:
-            cache_graph = hvp == "linearize" or (hvp == "rev-rev" and self.num_batches == 1)
+        self.caller_mode = frozen.caller_mode
         if cache_graph and hvp not in _CACHING:
             raise ValueError(f"cache_graph: only {_CACHING} cache per-batch work, not {hvp!r}")
-        if not cache_graph and hvp == "linearize":
+        if cache_graph is False and hvp == "linearize":
             raise ValueError(
                 "cache_graph: 'linearize' always caches its per-batch linearisation; "
                 "use hvp='rev-rev' or 'fwd-rev' for cache_graph=False"
             )
         self.hvp = hvp
-        self.cache_graph = bool(cache_graph)
+        self._cache_option = cache_graph
+        #: whether per-batch work is cached (every batch, or as many as the budget holds)
+        self.cache_graph = hvp == "linearize" or (hvp == "rev-rev" and cache_graph is not False)
+        #: the memory the cached gradient graphs may hold (bytes; ``None``: no limit)
+        self.cache_budget: int | None = None
+        if hvp == "rev-rev" and cache_graph is None:
+            self.cache_budget = (
+                cache_budget if cache_budget is not None else default_cache_budget(self.device)
+            )
+        #: batches whose work is cached (known after the first product)
+        self.cached_batches: int | None = None
+        #: bytes held by the cached gradient graphs (saved tensors; after the first product)
+        self.cache_bytes: int | None = None
         self._graphs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
         self._linear: list[Callable[..., Any]] | None = None
         self.num_matvecs = 0
-        # every loss evaluation replays one random state: with dropout in training mode
-        # the operator is the Hessian of one fixed realisation of the masks, not a new
-        # random matrix at every product (blocks share their parent's state, so they
-        # are blocks of the same matrix; a sharpness report shares its objective's)
-        self._rng = _rng if _rng is not None else RandomState(self._params.values())
 
     # ----------------------------------------------------------------- helpers
-    @contextlib.contextmanager
-    def _in_mode(self) -> Iterator[None]:
-        saved = _module_modes(self.model)
-        self.model.train(self.mode == "train")
-        try:
-            yield
-        finally:
-            for m, flag in saved.items():
-                m.training = flag
-
-    def _loss(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        # Buffers are cloned per call so train-mode BatchNorm updates never accumulate.
-        state = {**self._const, **{n: b.clone() for n, b in self._buffers.items()}, **params}
-
-        def functional_model(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.model, state, args, kwargs)
-
-        with self._rng.replayed():
-            loss = self.loss_fn(functional_model, batch)
+    def _loss(
+        self, params: dict[str, torch.Tensor], batch: Any, *, second_order: bool = True
+    ) -> torch.Tensor:
+        # the functional layer: frozen copies, buffers cloned per call, the module mode,
+        # the replayed random state and (for second order) attention kernels with
+        # second derivatives
+        with self._frozen.evaluating(second_order=second_order):
+            loss = self.loss_fn(self._frozen.caller(params), batch)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
@@ -368,6 +392,31 @@ class HessianOperator:
             loss = self._loss(dict(zip(self._params, leaves)), batch)
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         return leaves, [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, leaves)]
+
+    def _measured_graph(
+        self, batch: Any
+    ) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor]], int]:
+        """The gradient graph of one batch and the bytes it holds: the storages of the
+        tensors its nodes save (the activations of the forward and backward passes)
+        and of the gradients, not counting the parameters and the batch."""
+        held = {t.untyped_storage().data_ptr() for t in self._params.values()}
+        held |= {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten(batch)[0]
+            if isinstance(t, torch.Tensor)
+        }
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in held:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            graph = self._grad_graph(batch)
+        grads = sum(g.untyped_storage().nbytes() for g in graph[1])
+        return graph, sum(saved.values()) + grads
 
     def _hvp_revrev(
         self, batch: Any, vs: list[torch.Tensor], cached: int | None
@@ -417,20 +466,17 @@ class HessianOperator:
             _, jvp_fn = torch.func.linearize(grad_map, dict(self._params))
 
         def product(vs: list[torch.Tensor]) -> list[torch.Tensor]:
-            with self._rng.replayed():  # the trace re-draws its random ops on every call
+            # the trace re-draws its random ops on every call: replay the state
+            with self.random_state.replayed(), second_order_kernels():
                 out = jvp_fn(dict(zip(names, vs)))
             return [out[n] for n in names]
 
         return product
 
-    def _cached(self) -> bool:
-        """Whether every product now replays cached work (a trace or recorded graphs)."""
-        if self.hvp == "linearize":
-            return self._linear is not None
-        return self.hvp == "rev-rev" and self.cache_graph and self._graphs is not None
-
     def _build_caches(self) -> None:
-        """Trace (linearize) or record (rev-rev) every batch once, before the first product."""
+        """Trace (linearize) or record (rev-rev) the batches once, before the first
+        product; rev-rev under a budget records batches in order while their graphs
+        fit (always the first: an uncached product builds one graph too)."""
         if self.hvp == "linearize" and self._linear is None:
             try:
                 self._linear = [self._linearize(b) for b in self._batches]
@@ -439,8 +485,21 @@ class HessianOperator:
                     "hvp='linearize': torch.func.linearize could not trace this model "
                     f"({type(err).__name__}: {err}); use hvp='rev-rev'"
                 ) from err
+            self.cached_batches = self.num_batches
         if self.hvp == "rev-rev" and self.cache_graph and self._graphs is None:
-            self._graphs = [self._grad_graph(b) for b in self._batches]
+            graphs, used = [], 0
+            for batch in self._batches:
+                graph, size = self._measured_graph(batch)
+                if graphs and self.cache_budget is not None and used + size > self.cache_budget:
+                    del graph  # over the budget: this and later batches are recomputed
+                    break
+                graphs.append(graph)
+                used += size
+            self._graphs = graphs
+            self.cached_batches = len(graphs)
+            self.cache_bytes = used
+        if self.cached_batches is None:
+            self.cached_batches = 0
 
     # ------------------------------------------------------------------ public
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -455,26 +514,24 @@ class HessianOperator:
         v = v.detach().to(device=self.device, dtype=self.dtype)
         vs = self.unflatten(v)
         out: torch.Tensor | None = None
-        if not self._cached():
-            with self._in_mode():
-                self._build_caches()
-        # cached products replay recorded work and never call the module: no mode switch
-        with contextlib.nullcontext() if self._cached() else self._in_mode():
-            for i, (w, batch) in enumerate(zip(self._weights, self._batches)):
-                if self.hvp == "linearize":
-                    assert self._linear is not None
-                    hv = self._linear[i](vs)
-                elif self.hvp == "rev-rev":
-                    hv = self._hvp_revrev(batch, vs, i if self.cache_graph else None)
-                else:
-                    hv = self._hvp_fwdrev(batch, vs)
-                flat = self.flatten([h.detach() for h in hv])
-                if self.num_batches == 1:
-                    out = flat  # weight 1: no extra pass over the vector
-                elif out is None:
-                    out = flat.mul_(w)
-                else:
-                    out.add_(flat, alpha=w)
+        if self.cached_batches is None:
+            self._build_caches()
+        cached = self.cached_batches or 0
+        for i, (w, batch) in enumerate(zip(self._weights, self._batches)):
+            if self.hvp == "linearize":
+                assert self._linear is not None
+                hv = self._linear[i](vs)
+            elif self.hvp == "rev-rev":
+                hv = self._hvp_revrev(batch, vs, i if i < cached else None)
+            else:
+                hv = self._hvp_fwdrev(batch, vs)
+            flat = self.flatten([h.detach() for h in hv])
+            if self.num_batches == 1:
+                out = flat  # weight 1: no extra pass over the vector
+            elif out is None:
+                out = flat.mul_(w)
+            else:
+                out.add_(flat, alpha=w)
         assert out is not None
         self.num_matvecs += 1
         if not bool(torch.isfinite(out).all()):
@@ -490,27 +547,30 @@ class HessianOperator:
         return self.matvec(v)
 
     def gradient(self) -> torch.Tensor:
-        """The flat gradient of the example-weighted loss (for comparisons and timing)."""
+        """The flat gradient of the example-weighted loss (for comparisons and timing).
+
+        A first-order evaluation: attention keeps its fused kernels."""
         out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        with self._in_mode():
-            for w, batch in zip(self._weights, self._batches):
-                leaves = self._leaves()
-                with torch.enable_grad():
-                    loss = self._loss(dict(zip(self._params, leaves)), batch)
-                    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-                out.add_(
-                    self.flatten(
-                        [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, leaves)]
-                    ),
-                    alpha=w,
-                )
+        for w, batch in zip(self._weights, self._batches):
+            leaves = self._leaves()
+            with torch.enable_grad():
+                loss = self._loss(dict(zip(self._params, leaves)), batch, second_order=False)
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            out.add_(
+                self.flatten(
+                    [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, leaves)]
+                ),
+                alpha=w,
+            )
         return out
 
     def blocks(self, by: str = "module") -> dict[str, HessianOperator]:
         """Diagonal blocks of ``H``: one operator per module (``by="module"``) or per
         parameter (``by="parameter"``), keyed by the module/parameter name.
 
-        Per-layer spectra are the spectra of these blocks (not of ``H`` itself).
+        Per-layer spectra are the spectra of these blocks (not of ``H`` itself). The
+        blocks share this operator's frozen copies, batches and random state (they
+        are blocks of the same matrix) and its caching options.
 
         Example:
             >>> model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
@@ -525,19 +585,13 @@ class HessianOperator:
             key = n.rpartition(".")[0] if by == "module" else n
             groups.setdefault(key, []).append(n)
         return {
-            key: HessianOperator(
-                self.model,
+            key: HessianOperator._on(
+                self._frozen.select(names),
                 self.loss_fn,
-                None,
-                params=names,
-                mode=self.mode,
-                dtype=self.dtype,
-                device=self.device,
+                self._batches,
                 hvp=self.hvp,
-                cache_graph=self.cache_graph,
-                _batches=self._batches,
-                _parent=self,
-                _rng=self._rng,
+                cache_graph=self._cache_option,
+                cache_budget=self.cache_budget,
             )
             for key, names in groups.items()
         }
@@ -558,6 +612,8 @@ class HessianOperator:
                 "caller_mode": self.caller_mode,
                 "hvp": self.hvp,
                 "cache_graph": self.cache_graph,
+                "cache_budget": self.cache_budget,
+                "cached_batches": self.cached_batches,
             },
         )
 

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sharpkit._functional import select_parameters
+
 __all__ = [
     "Direction",
     "filter_normalized_direction",
@@ -38,7 +40,8 @@ _ZERO_FILTER = 0.0
 
 
 def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    named = dict(model.named_parameters())
+    return {n: named[n].detach() for n in select_parameters(model, None)}
 
 
 def filter_normalized_direction(

@@ -79,7 +79,8 @@ def _accuracy(obj: Objective, accuracy_fn: Callable | None) -> Callable | None:
     if accuracy_fn is not None:
         return accuracy_fn
     try:
-        supervised_accuracy(obj.model, obj.batches[0])
+        with torch.no_grad(), obj.replayed():  # a probe, not counted as a cost
+            supervised_accuracy(obj.at(), obj.batches[0])
     except (ValueError, RuntimeError, IndexError):
         return None
     return supervised_accuracy
@@ -244,7 +245,6 @@ def interpolate_checkpoints(
             f"state_b: keys differ from state_a: only in A {sorted(ka - kb)}, only in B {sorted(kb - ka)}"
         )
     obj = Objective(model, loss_fn, data, mode=mode, dtype=dtype, device=device)
-    target = obj.model.state_dict()
     acc_fn = _accuracy(obj, accuracy_fn)
     loss = torch.empty(steps, dtype=torch.float64)
     acc = torch.empty(steps, dtype=torch.float64) if acc_fn else None
@@ -255,11 +255,12 @@ def interpolate_checkpoints(
         for k, va in state_a.items():
             vb = state_b[k]
             if va.is_floating_point():
-                state[k] = ((1 - t) * va.double() + t * vb.double()).to(target[k])
+                state[k] = (1 - t) * va.double() + t * vb.double()
             else:
-                state[k] = (va if t < 0.5 else vb).to(target[k].device)
-        obj.model.load_state_dict(state, strict=True)
-        obj.w0 = [p.detach().clone() for p in obj.params]
+                state[k] = va if t < 0.5 else vb
+        obj.frozen.load_state(state)  # parameters and buffers, in the compute dtype
+        obj.w0 = list(obj.frozen.values.values())
+        obj.set_offset(None)
         loss[i], ai = _evaluate(obj, None, acc_fn)
         if acc is not None:
             acc[i] = ai

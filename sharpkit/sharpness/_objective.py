@@ -1,14 +1,15 @@
-"""The shared machinery of the sharpness metrics: a private copy of the model whose
-trainable parameters are moved to ``w + d``, batch losses, gradients and cost counts.
+"""The shared machinery of the sharpness metrics: the model evaluated at ``w + d``,
+batch losses, gradients and cost counts.
 
-The caller's model is never modified (not its weights, not its train/eval modes):
-everything runs on a deep copy in the requested dtype and device.
+The caller's model is never modified (not its weights, not its buffers, not its
+train/eval modes): every evaluation goes through the functional layer
+(:class:`sharpkit._functional.FrozenModel`: frozen copies in the requested dtype
+and device, ``torch.func.functional_call``, buffers cloned per call).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -18,10 +19,8 @@ import torch
 from torch import nn
 
 from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch, split_batch
-from sharpkit._device import resolve_device
-from sharpkit._rng import RandomState
+from sharpkit._functional import FrozenModel, RandomState, check_model_mode_dtype
 from sharpkit.curvature._linop import make_generator
-from sharpkit.curvature.hessian import _check_model_mode_dtype, _select_names
 from sharpkit.io.results import MeasurementProtocol
 
 __all__ = [
@@ -107,21 +106,40 @@ def _check_positive(name: str, value: Any, *, integer: bool = False) -> None:
 
 
 class Objective:
-    """Batch losses of a private model copy at ``w + d``.
+    """Batch losses of the model at ``w + d``, evaluated without touching the model.
 
     Args:
-        model: the network; copied, never modified.
+        model: the network; never modified.
         loss_fn: ``loss_fn(model, batch)`` or an nn loss module (``(inputs, targets)``
             batches), see :mod:`sharpkit._batch`.
         data: one batch or an iterable of batches (materialised once).
-        params: ``None`` (all trainable parameters), a list of names or a predicate.
+        params: ``None`` (all trainable parameters), a list of names or a predicate
+            (parameters with ``requires_grad=False`` may be named: only the loss is
+            differentiated, not the module).
         mode: ``"eval"`` (default) or ``"train"`` module mode for every evaluation.
-            Every evaluation replays the random-number state of construction, so
-            dropout in training mode draws the same masks at ``w`` and at ``w + d``.
+            Every evaluation replays one random state, so dropout in training mode
+            draws the same masks at ``w`` and at ``w + d``.
         dtype: compute dtype (``None`` keeps the model's).
         device: compute device (``None`` keeps the model's).
         m: re-split the data into batches of at most ``m`` examples (m-sharpness);
             ``None`` keeps the batches as given.
+        random_state: the random state to replay (:class:`sharpkit._rng.RandomState`;
+            ``None``: the global state at construction). Objectives that must see
+            the same draws share one.
+
+    Attributes:
+        names: the measured parameter names; ``w0`` their values (frozen copies).
+        batches, sizes: the materialised batches and their example counts.
+        frozen: the :class:`~sharpkit._functional.FrozenModel` every evaluation uses.
+        cost: the running :class:`Cost`.
+
+    Example:
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> x = torch.ones(4, 2)
+        >>> obj = Objective(model, lambda m, b: (m(b) ** 2).mean(), x)
+        >>> w = model.weight.detach()
+        >>> abs(obj.mean_loss([-w]))  # at w + d = 0
+        0.0
     """
 
     def __init__(
@@ -135,26 +153,25 @@ class Objective:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         m: int | None = None,
+        random_state: RandomState | None = None,
     ) -> None:
-        _check_model_mode_dtype(model, mode, dtype)
+        check_model_mode_dtype(model, mode, dtype)
         if m is not None:
             _check_positive("m", m, integer=True)
-        first = next(iter(model.parameters()), None)
-        if first is None:
+        if next(iter(model.parameters()), None) is None:
             raise ValueError("model: has no parameters")
-        self.device = resolve_device(device) if device is not None else first.device
-        self.dtype = dtype if dtype is not None else first.dtype
-        self.mode = mode
         self.loss_fn = as_batch_loss(loss_fn, reduction="mean")
-        self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
-        self.model.train(mode == "train")
-        named = dict(self.model.named_parameters())
-        names = _select_names(self.model, params, allow_frozen=True)
-        self.names = names
-        self.params = [named[n] for n in names]
-        for n, p in named.items():
-            p.requires_grad_(n in set(names))
-        self.w0 = [p.detach().clone() for p in self.params]
+        self.frozen = FrozenModel(
+            model, params, mode=mode, dtype=dtype, device=device, allow_frozen=True,
+            random_state=random_state,
+        )  # fmt: skip
+        self.model = model
+        self.device = self.frozen.device
+        self.dtype = self.frozen.dtype
+        self.mode = mode
+        self.names = list(self.frozen.names)
+        self.w0 = list(self.frozen.values.values())
+        self._at = list(self.w0)
         batches = []
         for b in iter_batches(data):
             b = move_batch(b, self.device, self.dtype)
@@ -167,14 +184,34 @@ class Objective:
         self.batches = batches
         self.sizes = [batch_size(b) for b in batches]
         self.cost = Cost()
-        #: the random state every evaluation replays, so that with dropout in training
-        #: mode the metrics compare losses under the same masks (a report's Hessian and
-        #: m-sharpness objectives share it)
-        self.random_state = RandomState(self.params)
+
+    @property
+    def random_state(self) -> RandomState:
+        """The random state every evaluation replays, so that with dropout in training
+        mode the metrics compare losses under the same masks (a report's Hessian and
+        m-sharpness objectives share it)."""
+        return self.frozen.random_state
+
+    @random_state.setter
+    def random_state(self, state: RandomState) -> None:
+        if not isinstance(state, RandomState):
+            raise TypeError(f"random_state: expected a RandomState, got {type(state).__name__}")
+        self.frozen.random_state = state
 
     def replayed(self) -> contextlib.AbstractContextManager[None]:
-        """Context for one evaluation of the copy: the random state of construction."""
-        return self.random_state.replayed()
+        """Context for one evaluation: the module mode and the replayed random state."""
+        return self.frozen.evaluating()
+
+    def at(self) -> Callable[..., Any]:
+        """The model as a callable at the current point ``w0 + d`` (see :meth:`set_offset`)."""
+        return self.frozen.caller(self._at)
+
+    def hessian(self, hvp: str = "auto") -> Any:
+        """The :class:`~sharpkit.curvature.HessianOperator` of this objective at ``w0``:
+        the same frozen copies, batches and random state (``hvp`` as there)."""
+        from sharpkit.curvature.hessian import HessianOperator
+
+        return HessianOperator._on(self.frozen, self.loss_fn, self.batches, hvp=hvp)
 
     # -- parameters -------------------------------------------------------------
     @property
@@ -185,11 +222,12 @@ class Objective:
     def dim(self) -> int:
         return sum(w.numel() for w in self.w0)
 
-    def set_offset(self, d: Sequence[torch.Tensor] | None) -> None:
-        """Move the copy's parameters to ``w0 + d`` (``None``: back to ``w0``)."""
+    def set_offset(self, d: Sequence[torch.Tensor | None] | None) -> None:
+        """Evaluate at ``w0 + d`` from now on (``None``, or a ``None`` entry: ``w0``)."""
         with torch.no_grad():
-            for p, w, di in zip(self.params, self.w0, d or [None] * len(self.params)):
-                p.copy_(w if di is None else w + di)
+            self._at = [
+                w if di is None else w + di for w, di in zip(self.w0, d or [None] * len(self.w0))
+            ]
 
     def zeros(self) -> list[torch.Tensor]:
         return [torch.zeros_like(w) for w in self.w0]
@@ -222,7 +260,7 @@ class Objective:
         """Loss of one batch at ``w0 + d``."""
         self.set_offset(d)
         with torch.no_grad(), self.replayed():
-            value = float(self._scalar(self.loss_fn(self.model, batch)))
+            value = float(self._scalar(self.loss_fn(self.at(), batch)))
         self.cost.forward += 1
         return value
 
@@ -230,7 +268,7 @@ class Objective:
         """Any ``fn(model, batch)`` at ``w0 + d`` (counted as a forward)."""
         self.set_offset(d)
         with torch.no_grad(), self.replayed():
-            value = float(fn(self.model, batch))
+            value = float(fn(self.at(), batch))
         self.cost.forward += 1
         return value
 
@@ -239,11 +277,12 @@ class Objective:
     ) -> tuple[float, list[torch.Tensor]]:
         """Loss of one batch at ``w0 + d`` and its gradient w.r.t. the parameters."""
         self.set_offset(d)
+        leaves = [t.detach().requires_grad_(True) for t in self._at]
         with torch.enable_grad(), self.replayed():
-            loss = self._scalar(self.loss_fn(self.model, batch))
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            loss = self._scalar(self.loss_fn(self.frozen.caller(leaves), batch))
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         self.cost.gradient += 1
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
         return float(loss.detach()), grads
 
     def mean_loss(self, d: Sequence[torch.Tensor] | None = None) -> float:

@@ -8,7 +8,8 @@ directional derivative along ``w`` itself,
 
     <w, grad_w l(w)> = d/dt l((1 + t) w) |_{t = 0},
 
-computed for every example at once with one forward-mode JVP per batch. For a
+computed for every example at once with one forward-mode JVP per batch
+(attention on its math kernels, which have a forward derivative). For a
 bias-free ReLU network with L hidden layers it equals ``(L + 1) <dl/df, f>``
 (Liang et al., Lemma 2.1), and it is invariant under ReLU layer rescaling.
 
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp
+from torch.func import jvp
 
 from sharpkit._quiet import torch_internal_notices_hidden
 from sharpkit.sharpness._objective import (
@@ -77,26 +78,23 @@ def _fisher_rao(obj: Objective, *, fisher: str, seed: int | torch.Generator | No
     gen, seed_used = make_generator(seed)
     loss_fn = _per_example_loss(obj.loss_fn, fisher, gen)
     obj.set_offset(None)
-    primals = tuple(w for w in obj.w0)
-    names = obj.names
-    fixed = {n: t for n, t in obj.model.named_parameters() if n not in set(names)}
-    fixed.update(dict(obj.model.named_buffers()))
+    primals = tuple(obj.w0)
 
     def losses_of(batch: Any) -> Callable[..., torch.Tensor]:
         def losses(*ws: torch.Tensor) -> torch.Tensor:
-            state = {**fixed, **dict(zip(names, ws))}
-
-            def fmodel(*args: Any, **kwargs: Any) -> Any:
-                return functional_call(obj.model, state, args, kwargs)
-
-            return loss_fn(fmodel, batch)
+            return loss_fn(obj.frozen.caller(ws), batch)
 
         return losses
 
     values = []
     with obj.metered() as cost:
         for b, n in zip(obj.batches, obj.sizes):
-            with torch.no_grad(), torch_internal_notices_hidden(), obj.replayed():
+            # forward mode: attention on kernels with a forward derivative
+            with (
+                torch.no_grad(),
+                torch_internal_notices_hidden(),
+                obj.frozen.evaluating(second_order=True),
+            ):
                 out, tangent = jvp(losses_of(b), primals, primals)
             if out.dim() != 1 or out.shape[0] != n:
                 raise ValueError(

@@ -344,13 +344,7 @@ def measure_sharpness(
         t0 = time.perf_counter()
         if name in ("lambda_max", "top_k", "lambda_min", "trace", "esd"):
             if op is None:
-                obj.set_offset(None)
-                from sharpkit.curvature import HessianOperator
-
-                op = HessianOperator(
-                    obj.model, obj.loss_fn, obj.batches, params=obj.names, mode=mode,
-                    dtype=obj.dtype, device=obj.device, hvp=hvp, _rng=obj.random_state,
-                )  # fmt: skip
+                op = obj.hessian(hvp=hvp)  # the objective's copies, batches and random state
             res = _curvature(name, op, opts, seed, progress)
         elif name.startswith("worst_case"):
             res = _worst_case(

@@ -5,9 +5,10 @@
 Hessian-vector products, so the two can be checked against each other.
 :func:`oracle_cases` returns the correctness-oracle problems of the curvature
 engine (MLP tanh/relu, a small CNN, a tiny attention block, BatchNorm in eval
-mode, a LoRA pair, linear regression with ``H = X^T X / n`` in closed form, and a
-multi-batch loader with an uneven last batch). :func:`check_optimizer` runs the
-optimizer contract (:mod:`sharpkit.testing.contract`) on any SAM-family optimizer.
+mode, LayerNorm, a LoRA pair, linear regression with ``H = X^T X / n`` in closed
+form, and a multi-batch loader with an uneven last batch). :func:`check_optimizer`
+runs the optimizer contract (:mod:`sharpkit.testing.contract`) on any SAM-family
+optimizer.
 
 Example:
     >>> import torch

@@ -1,4 +1,4 @@
-"""Dense float64 Hessians through ``torch.func.hessian`` (the test oracle)."""
+"""Dense float64 Hessians through ``torch.func`` forward-over-reverse (the test oracle)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch
+from sharpkit._functional import FrozenModel, check_model_mode_dtype
 from sharpkit._quiet import torch_internal_notices_hidden
 
 __all__ = ["dense_hessian"]
@@ -28,10 +28,12 @@ def dense_hessian(
     ``H = d^2/dw^2 sum_b (n_b/N) L_b(w)`` with ``w`` the selected parameters
     flattened in ``named_parameters`` order (the order of
     :class:`sharpkit.curvature.HessianOperator`). Computed in one
-    ``torch.func.hessian`` call on a flat parameter vector, with every parameter,
-    buffer and floating input cast to float64 (in train mode through
-    ``torch.autograd.functional.hessian`` instead, see the code). Cost ``O(dim^2)`` memory: tiny
-    models only.
+    ``torch.func.jacfwd(torch.func.grad(.))`` call on a flat parameter vector (in
+    train mode through ``torch.autograd.functional.hessian`` instead, see the code),
+    with every parameter, buffer and floating input cast to float64, through the
+    functional layer (the module is never written to; attention runs on its math
+    kernels, which have second derivatives). Cost ``O(dim^2)`` memory: tiny models
+    only.
 
     Args:
         model: the network; never modified (its modes are restored).
@@ -49,36 +51,20 @@ def dense_hessian(
         >>> dense_hessian(model, torch.nn.MSELoss(), (x, y)).shape
         torch.Size([4, 4])
     """
-    if mode not in ("eval", "train"):
-        raise ValueError(f"mode: expected 'eval' or 'train', got {mode!r}")
+    check_model_mode_dtype(model, mode, None)
     loss_fn = as_batch_loss(loss_fn, reduction="mean")
-    named = dict(model.named_parameters())
-    if params is None:
-        names = [n for n, p in named.items() if p.requires_grad]
-    elif callable(params) and not isinstance(params, (list, tuple)):
-        names = [n for n in named if params(n)]
-    else:
-        names = list(params)
-        missing = [n for n in names if n not in named]
-        if missing:
-            raise ValueError(f"params: the model has no parameters named {missing}")
-    if not names:
-        raise ValueError("params: no parameter selected")
     cpu = torch.device("cpu")
-    f64 = torch.float64
-
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().to(cpu)
-        return t.to(f64) if t.is_floating_point() else t
-
-    sel = {n: cast(named[n]) for n in names}
-    const = {n: cast(p) for n, p in named.items() if n not in sel}
-    buffers = {n: cast(b) for n, b in model.named_buffers()}
-    batches = [move_batch(b, cpu, f64) for b in iter_batches(data)]
+    # the functional layer: float64 copies on the CPU, buffers cloned per call, the
+    # module mode set and restored, the random state of the call replayed, attention
+    # on kernels with second derivatives
+    frozen = FrozenModel(model, params, mode=mode, dtype=torch.float64, device=cpu,
+                         allow_frozen=True)  # fmt: skip
+    batches = [move_batch(b, cpu, torch.float64) for b in iter_batches(data)]
     if not batches:
         raise ValueError("data: no batches")
     sizes = [batch_size(b) for b in batches]
     total = sum(sizes)
+    sel = frozen.values
     shapes = [p.shape for p in sel.values()]
     numels = [p.numel() for p in sel.values()]
     w0 = torch.cat([p.reshape(-1) for p in sel.values()])
@@ -87,29 +73,24 @@ def dense_hessian(
         ps = {n: c.view(s) for n, c, s in zip(sel, torch.split(w, numels), shapes)}
         out = w.new_zeros(())
         for n_b, batch in zip(sizes, batches):
-            state = {**const, **{k: b.clone() for k, b in buffers.items()}, **ps}
-
-            def fmodel(*args: Any, state: dict = state, **kwargs: Any) -> Any:
-                return functional_call(model, state, args, kwargs)
-
-            loss = loss_fn(fmodel, batch)
+            # every batch replays the random state of the call (as HessianOperator does)
+            with frozen.evaluating(second_order=True):
+                loss = loss_fn(frozen.caller(ps), batch)
             if loss.dim() != 0:
                 raise ValueError(f"loss_fn: must return a scalar, got shape {tuple(loss.shape)}")
             out = out + (n_b / total) * loss
         return out
 
-    saved = {m: m.training for m in model.modules()}
-    model.train(mode == "train")
-    try:
-        if mode == "eval":
-            with torch_internal_notices_hidden():
-                hess = torch.func.hessian(objective)(w0)
-        else:
-            # torch.func.hessian vmaps forward-mode over BatchNorm's in-place running-
-            # statistics update in train mode and returns a wrong matrix (checked against
-            # finite differences of gradients); plain double-backward autograd does not.
-            hess = torch.autograd.functional.hessian(objective, w0)
-    finally:
-        for m, flag in saved.items():
-            m.training = flag
+    if mode == "eval":
+        # forward over reverse: jacfwd of grad. Not torch.func.hessian (jacfwd of
+        # jacrev): in torch 2.13 that returns a wrong, asymmetric matrix on models with
+        # LayerNorm (rows of the norm's weight off by O(0.1), checked against finite
+        # differences of gradients), while jacfwd(grad) and plain autograd agree.
+        with torch_internal_notices_hidden():
+            hess = torch.func.jacfwd(torch.func.grad(objective))(w0)
+    else:
+        # torch.func.hessian vmaps forward-mode over BatchNorm's in-place running-
+        # statistics update in train mode and returns a wrong matrix (checked against
+        # finite differences of gradients); plain double-backward autograd does not.
+        hess = torch.autograd.functional.hessian(objective, w0)
     return hess.detach()

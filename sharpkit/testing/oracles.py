@@ -3,7 +3,8 @@
 Each :class:`OracleCase` is small enough for :func:`sharpkit.testing.dense_hessian`
 (tens of parameters) yet exercises one thing that breaks Hessian code in practice:
 smooth and piecewise-linear activations, convolutions, attention (softmax of
-products of parameters), BatchNorm's running statistics in eval mode, a two-factor
+products of parameters), BatchNorm's running statistics in eval mode, LayerNorm
+(whose second derivative ``torch.func.hessian`` gets wrong in torch 2.13), a two-factor
 (LoRA-style) product with its indefinite cross-curvature, a quadratic with a
 closed-form Hessian, and example weighting across an uneven last batch.
 """
@@ -136,6 +137,13 @@ def _batchnorm(gen: torch.Generator) -> OracleCase:
     return OracleCase("batchnorm_eval", model, _ce, (x, y))
 
 
+def _layernorm(gen: torch.Generator) -> OracleCase:
+    model = _init(nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)), gen)
+    x = torch.randn(10, 4, generator=gen)
+    y = torch.randint(0, 3, (10,), generator=gen)
+    return OracleCase("layernorm", model, _ce, (x, y))
+
+
 def _lora(gen: torch.Generator) -> OracleCase:
     model = TwoFactorLinear(4, 3, 2, gen)
     x = torch.randn(9, 4, generator=gen)
@@ -165,6 +173,7 @@ _BUILDERS: dict[str, Callable[[torch.Generator], OracleCase]] = {
     "cnn": _cnn,
     "attention": _attention,
     "batchnorm_eval": _batchnorm,
+    "layernorm": _layernorm,
     "lora_pair": _lora,
     "linear_regression": _linreg,
     "multi_batch": _multibatch,

@@ -259,7 +259,10 @@ def test_auto_is_the_cached_rev_rev_and_linearize_caches() -> None:
     assert op.hvp == "rev-rev" and op.cache_graph
     multi, _ = _case("multi_batch")
     op = HessianOperator(multi.model, multi.loss_fn, multi.data)
-    assert op.hvp == "rev-rev" and not op.cache_graph
+    # several batches: cached within the default memory budget (tiny graphs: all of them)
+    assert op.hvp == "rev-rev" and op.cache_graph and op.cache_budget > 0
+    op.matvec(torch.zeros(op.dim))
+    assert op.cached_batches == 3 and op.cache_bytes > 0
     op = HessianOperator(multi.model, multi.loss_fn, multi.data, hvp="linearize", dtype=F64)
     assert op.cache_graph  # one trace per batch, reused by every product
     H_full = dense_hessian(multi.model, multi.loss_fn, multi.full_batch)
@@ -352,3 +355,63 @@ def test_train_mode_dropout_blocks_are_blocks_of_the_same_matrix() -> None:
         torch.testing.assert_close(dense, full[start:stop, start:stop], rtol=0, atol=MATVEC_ATOL)
         start = stop
     assert start == op.dim
+
+
+@pytest.mark.parametrize(
+    ("hvp", "cache_graph"),
+    [("rev-rev", None), ("rev-rev", True), ("rev-rev", False), ("fwd-rev", None),
+     ("fwd-rev", False), ("linearize", None), ("linearize", True)],
+)  # fmt: skip
+def test_multi_batch_cache_forms_equal_dense(hvp: str, cache_graph: bool | None) -> None:
+    """Every caching form over several batches (uneven last batch) is the dense float64
+    Hessian of the example-weighted loss (one batch of all 13 examples)."""
+    case, _ = _case("multi_batch")
+    H_full = dense_hessian(case.model, case.loss_fn, case.full_batch)
+    op = HessianOperator(case.model, case.loss_fn, case.data, dtype=F64, hvp=hvp,
+                         cache_graph=cache_graph)  # fmt: skip
+    V = _probe(op.dim)
+    torch.testing.assert_close(op @ V, H_full @ V, atol=MATVEC_ATOL, rtol=0)
+    expected = {"fwd-rev": 0, "linearize": 3}.get(hvp, 0 if cache_graph is False else 3)
+    assert op.cached_batches == expected
+    assert op.protocol().extra["cached_batches"] == expected
+
+
+def test_cache_budget_decides_how_many_batches_are_cached() -> None:
+    """Graphs are cached in batch order while they fit the budget (always the first);
+    the rest are recomputed per product. Every split gives the dense Hessian."""
+    case, _ = _case("multi_batch")
+    H_full = dense_hessian(case.model, case.loss_fn, case.full_batch)
+    V = _probe(sum(p.numel() for p in case.model.parameters()))
+    everything = HessianOperator(case.model, case.loss_fn, case.data, dtype=F64,
+                                 cache_budget=1 << 40)  # fmt: skip
+    everything.matvec(V[:, 0])
+    total = everything.cache_bytes
+    assert everything.cached_batches == 3
+    for budget, cached in [(0, 1), (total - 1, 2), (total, 3)]:
+        op = HessianOperator(case.model, case.loss_fn, case.data, dtype=F64, cache_budget=budget)
+        torch.testing.assert_close(op @ V, H_full @ V, atol=MATVEC_ATOL, rtol=0)
+        assert op.cached_batches == cached, budget
+        assert op.cache_bytes <= budget or cached == 1
+    # the measured graph size grows with the batch: 10x the examples, more bytes
+    x, y = case.full_batch
+    big = HessianOperator(case.model, case.loss_fn, (x.repeat(10, 1), y.repeat(10)), dtype=F64)
+    big.matvec(V[:, 0])
+    assert big.cache_bytes > total
+
+
+def test_cache_budget_bad_input() -> None:
+    case, _ = _case("multi_batch")
+    with pytest.raises(ValueError, match="cache_budget: expected a number of bytes"):
+        HessianOperator(case.model, case.loss_fn, case.data, cache_budget=-1)
+    with pytest.raises(ValueError, match="cache_budget: applies to cache_graph=None"):
+        HessianOperator(case.model, case.loss_fn, case.data, cache_graph=True, cache_budget=10)
+    with pytest.raises(TypeError, match="cache_graph: expected True, False or None"):
+        HessianOperator(case.model, case.loss_fn, case.data, cache_graph="yes")
+
+
+def test_no_private_constructor_arguments() -> None:
+    import inspect
+
+    names = list(inspect.signature(HessianOperator).parameters)
+    assert not [n for n in names if n.startswith("_")], names
+    assert "random_state" in names and "cache_budget" in names
