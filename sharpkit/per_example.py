@@ -35,8 +35,8 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 
 from ._batch import as_batch_loss, batch_size
+from ._functional import FunctionalView, batch_leaves, train_mode_batchnorm
 from ._rng import RandomState
-from .optim.msam import FunctionalView, _batch_leaves, _train_mode_batchnorm
 
 __all__ = [
     "examples_coupled",
@@ -87,14 +87,14 @@ def examples_coupled(model: nn.Module) -> bool:
         >>> examples_coupled(nn.BatchNorm1d(3)), examples_coupled(nn.BatchNorm1d(3).eval())
         (True, False)
     """
-    return _train_mode_batchnorm(model) is not None
+    return train_mode_batchnorm(model) is not None
 
 
 def _per_example_vmap(
     view: FunctionalView, loss_fn: Callable[..., Any], batch: Any, n: int
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Per-example losses and gradients with ``vmap(grad)`` over single-example batches."""
-    leaves, rebuild = _batch_leaves(batch, n)
+    leaves, rebuild = batch_leaves(batch, n)
     params = {name: p.detach() for name, p in zip(view.names, view.params)}
 
     def one(tp: dict[str, torch.Tensor], example: list[torch.Tensor]) -> torch.Tensor:
@@ -404,7 +404,7 @@ def per_instance_target(
         for p, g in zip(view.params, grads)
     ]
     if not coupled:
-        leaves, rebuild = _batch_leaves(batch, n)
+        leaves, rebuild = batch_leaves(batch, n)
 
         def one(tp: dict[str, torch.Tensor], example: list[torch.Tensor]) -> torch.Tensor:
             out = loss_fn(view.caller(tp), rebuild([t.unsqueeze(0) for t in example]))

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from torch.optim import Optimizer
 
 from .._batch import batch_size, split_batch
+from .._functional import FunctionalView, NotVectorisable, batch_leaves, train_mode_batchnorm
 from ._base import BatchDrivenSAM, Oracle, SAMBase, SkipStep, check_loss, check_nonneg_float
 
 __all__ = ["MSAM", "VectorisationFallbackWarning"]
@@ -23,104 +24,6 @@ _PATHS["sequential"] = "sequential"
 class VectorisationFallbackWarning(UserWarning):
     """A vectorised (``torch.func.vmap``) code path could not be used; the
     sequential one ran instead. Issued once per optimizer, with the reason."""
-
-
-class NotVectorisable(Exception):
-    """Internal: the model or the optimizer's parameters rule out ``vmap``."""
-
-
-# ----------------------------------------------------------------------------
-# Functional views of a module (shared with delta_sam.py)
-# ----------------------------------------------------------------------------
-
-
-def _train_mode_batchnorm(model: nn.Module) -> str | None:
-    """Name of the first BatchNorm that updates running statistics on a forward, if any."""
-    for name, mod in model.named_modules():
-        if (
-            isinstance(mod, nn.modules.batchnorm._BatchNorm)
-            and mod.training
-            and mod.track_running_stats
-            and mod.running_mean is not None
-        ):
-            return name or type(mod).__name__
-    return None
-
-
-class FunctionalView:
-    """The optimizer's trainable parameters as named tensors of ``model``.
-
-    ``trainable`` lists ``(name, parameter, group)`` for every parameter of the
-    optimizer that requires a gradient, in group order. ``caller(params)``
-    returns a callable that runs ``model`` with ``params`` in place of the
-    trainable tensors (``torch.func.functional_call``; every other parameter and
-    buffer is the module's own unless ``extra`` replaces it), so a loss function
-    that calls its model argument works unchanged under ``vmap``. A tensor
-    registered under several names (tied weights) is replaced under all of them;
-    ``tied`` says whether the model has any.
-
-    Raises:
-        NotVectorisable: if a trainable parameter is not one of ``model``'s.
-    """
-
-    def __init__(self, model: nn.Module, groups: list[dict[str, Any]]) -> None:
-        name_of = {id(p): n for n, p in model.named_parameters()}
-        self.model = model
-        self.trainable: list[tuple[str, torch.Tensor, dict[str, Any]]] = []
-        seen: set[int] = set()
-        for group in groups:
-            for p in group["params"]:
-                if not p.requires_grad or id(p) in seen:
-                    continue
-                if id(p) not in name_of:
-                    raise NotVectorisable(
-                        "a parameter of the optimizer is not a parameter of `model` "
-                        f"(shape {tuple(p.shape)})"
-                    )
-                seen.add(id(p))
-                self.trainable.append((name_of[id(p)], p, group))
-        self.names = [n for n, _, _ in self.trainable]
-        self.params = [p for _, p, _ in self.trainable]
-        # functional_call's weight-tying pass walks the whole module on every call;
-        # it is needed only when one tensor is registered under several names
-        owners = [id(t) for _, t in model.named_parameters(remove_duplicate=False)]
-        owners += [id(t) for _, t in model.named_buffers(remove_duplicate=False)]
-        self.tied = len(owners) != len(set(owners))
-
-    def caller(
-        self,
-        params: Mapping[str, torch.Tensor],
-        extra: Mapping[str, torch.Tensor] | None = None,
-    ) -> Callable[..., Any]:
-        tensors = {**params, **extra} if extra else dict(params)
-        model, tied = self.model, self.tied
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(model, tensors, args, kwargs, tie_weights=tied)
-
-        return call
-
-
-def _batch_leaves(batch: Any, n: int) -> tuple[list[torch.Tensor], Callable[[list[Any]], Any]]:
-    """The tensors of ``batch`` with ``n`` leading examples, and a function that
-    rebuilds the batch from replacements for them (other leaves are kept)."""
-    leaves: list[torch.Tensor] = []
-
-    def walk(x: Any) -> Callable[[list[Any]], Any]:
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n:
-            i = len(leaves)
-            leaves.append(x)
-            return lambda vals: vals[i]
-        if isinstance(x, Mapping):
-            parts = {k: walk(v) for k, v in x.items()}
-            return lambda vals: type(x)({k: f(vals) for k, f in parts.items()})
-        if isinstance(x, (tuple, list)):
-            parts_l = [walk(v) for v in x]
-            return lambda vals: type(x)(f(vals) for f in parts_l)
-        return lambda vals: x
-
-    rebuild = walk(batch)
-    return leaves, rebuild
 
 
 def _check_micro_batches(value: Any) -> int:
@@ -309,7 +212,7 @@ class MSAM(BatchDrivenSAM):
             return "path='sequential'"
         if m == 1:
             return "micro_batches=1 is SAM"
-        bn = _train_mode_batchnorm(self.model)
+        bn = train_mode_batchnorm(self.model)
         if bn is not None:
             return (
                 f"BatchNorm '{bn}' updates its running statistics in training mode, which "
@@ -394,7 +297,7 @@ class MSAM(BatchDrivenSAM):
         view = FunctionalView(self.model, self.param_groups)
         if not view.trainable:
             raise RuntimeError("MSAM: no parameter of the optimizer requires a gradient")
-        leaves, rebuild = _batch_leaves(oracle.batch, n)
+        leaves, rebuild = batch_leaves(oracle.batch, n)
         loss_fn = oracle.loss_fn
 
         def per_slice(tp: dict[str, torch.Tensor], piece: list[torch.Tensor]) -> torch.Tensor:

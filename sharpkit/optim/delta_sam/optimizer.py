@@ -12,9 +12,10 @@ from torch.optim import Optimizer
 
 from ... import per_example as pe  # a module import: per_example imports optim too
 from ..._batch import batch_size
+from ..._functional import FunctionalView, NotVectorisable
 from ..._rng import RandomState
 from .._base import BatchDrivenSAM, Oracle, check_loss, check_nonneg_float
-from ..msam import FunctionalView, NotVectorisable, VectorisationFallbackWarning
+from ..msam import VectorisationFallbackWarning
 from .statistics import MODES, exact_statistics, probe_points, probe_statistics
 from .weighting import ExampleStats, UnguardednessSoftmax, Weighting, normalised_weights
 
