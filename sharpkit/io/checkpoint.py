@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sharpkit.io.results import ordinary_permissions
+
 __all__ = [
     "KINDS",
     "MAX_NAMES",
@@ -310,6 +312,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> Path
             save_file(out, str(tmp))
         else:
             torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+        ordinary_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -105,6 +105,14 @@ def to_jsonable(obj: Any) -> Any:
     raise TypeError(f"to_jsonable: cannot convert {type(obj).__name__} to JSON")
 
 
+def ordinary_permissions(path: str | Path) -> None:
+    """Give a file made by :func:`tempfile.mkstemp` (mode 0600) the mode a plain
+    ``open(path, "w")`` would have given it (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json_atomic(path: str | Path, obj: Any, *, indent: int = 2) -> Path:
     """Write ``to_jsonable(obj)`` to ``path`` atomically (temp file + rename)."""
     path = Path(path)
@@ -114,6 +122,7 @@ def write_json_atomic(path: str | Path, obj: Any, *, indent: int = 2) -> Path:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        ordinary_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
