@@ -509,3 +509,78 @@ def test_progress_bars_quiet_when_piped_and_without_widgets(capsys) -> None:
     assert bar.disable and list(bar) == [0, 1, 2]
     if importlib.util.find_spec("ipywidgets") is None:
         assert type(bar).__module__ == "tqdm.std"
+
+
+# -- the hostile pass over the other public functions this package owns ------------------
+def _hostile_cases(tmp: pathlib.Path):
+    from sharpkit.data import load_digits
+    from sharpkit.demo import demo_model, train_demo
+    from sharpkit.io import load_checkpoint, load_state_dict, write_json_atomic
+    from sharpkit.sharpness import (
+        average_case_sharpness,
+        epsilon_sharpness,
+        pac_bayes_flatness,
+        worst_case_sharpness,
+    )
+
+    net, ce = nn.Linear(4, 3), nn.CrossEntropyLoss()
+    data = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    (tmp / "file").write_text("x")
+    return [
+        (lambda: worst_case_sharpness(net, ce, data, math.nan), "rho"),
+        (lambda: worst_case_sharpness(net, ce, data, "0.1"), "rho"),
+        (lambda: worst_case_sharpness(net, ce, data, 0.1, p=3), "p: expected 2 or inf"),
+        (lambda: worst_case_sharpness(net, ce, data, 0.1, m=0), "m: expected"),
+        (lambda: worst_case_sharpness(net, ce, data, 0.1, restarts=0), "restarts"),
+        (lambda: average_case_sharpness(net, ce, data, math.inf), "rho"),
+        (lambda: average_case_sharpness(net, ce, data, 0.1, samples=1.5), "samples"),
+        (lambda: average_case_sharpness(net, ce, data, 0.1, noise="laplace"), "noise"),
+        (lambda: pac_bayes_flatness(net, ce, data, max_drop=2.0), "can never be exceeded"),
+        (lambda: pac_bayes_flatness(net, ce, data, rtol=0), "rtol"),
+        (lambda: pac_bayes_flatness(net, ce, data, target="top5"), "target"),
+        (lambda: epsilon_sharpness(net, ce, data, -1), "epsilon"),
+        (
+            lambda: measure_sharpness(net, ce, (torch.randn(8, 5), data[1]), ["lambda_max"]),
+            "the loss failed at the unperturbed weights",
+        ),
+        (
+            lambda: measure_sharpness(
+                net, ce, data, ["pac_bayes"], options={"pac_bayes": {"max_drop": 1.0}}
+            ),
+            "pac_bayes.max_drop",
+        ),
+        (lambda: load_checkpoint(None, tmp / "file"), "model: expected an nn.Module"),
+        (lambda: load_state_dict(None), "path: expected a str"),
+        (lambda: load_state_dict(tmp / "file", map_location="bogus"), "map_location"),
+        (lambda: save_state_dict([1], tmp / "x.pt"), "state: expected a mapping"),
+        (lambda: save_state_dict({"a": 1}, tmp / "x.pt"), "not a tensor"),
+        (lambda: save_state_dict({"a": torch.ones(1)}, tmp), "is a directory"),
+        (lambda: save_state_dict({"a": torch.ones(1)}, tmp / "file" / "x.pt"), "is a file"),
+        (lambda: write_json_atomic(tmp, {}), "is a directory"),
+        (lambda: load_digits(seed=-1), "seed"),
+        (lambda: load_digits(dtype="float32"), "dtype"),
+        (lambda: load_digits(test_fraction=math.nan), "test_fraction"),
+        (lambda: train_demo(epochs=-1), "epochs"),
+        (lambda: train_demo(lr=math.nan), "lr"),
+        (lambda: train_demo(batch_size=0), "batch_size"),
+        (lambda: demo_model(0), "hidden"),
+    ]
+
+
+def test_hostile_pass_every_public_argument(tmp_path) -> None:
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for call, match in _hostile_cases(tmp_path):
+        with pytest.raises((ValueError, TypeError), match=match):
+            call()
+    # nothing written by any refused call (the fixture file aside)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({*before, "file"})
+
+
+def test_data_that_does_not_fit_the_model_exit_2(tmp_path, spec, capsys) -> None:
+    (tmp_path / "wide.py").write_text(
+        "import torch\ndef data():\n    return torch.randn(8, 5), torch.randint(0, 3, (8,))\n"
+    )
+    argv = ["measure", _ckpt(tmp_path), "--model", f"{spec}:model", "--data",
+            f"{tmp_path / 'wide.py'}:data", "--out", str(tmp_path / "o"), *FAST]  # fmt: skip
+    _refused(argv, capsys, "the loss failed at the unperturbed weights")
+    assert not (tmp_path / "o").exists()

@@ -714,11 +714,14 @@ def _measure(
         for i, model in enumerate(models):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                rep = measure_sharpness(
-                    model, loss, data, args.metric_names, options=args.options,
-                    accuracy_fn=accuracy, seed=args.seed, device=args.device_obj,
-                    dtype=args.dtype_obj, hvp=args.hvp, progress=progress,
-                )  # fmt: skip
+                try:
+                    rep = measure_sharpness(
+                        model, loss, data, args.metric_names, options=args.options,
+                        accuracy_fn=accuracy, seed=args.seed, device=args.device_obj,
+                        dtype=args.dtype_obj, hvp=args.hvp, progress=progress,
+                    )  # fmt: skip
+                except (ValueError, TypeError) as err:  # refused before any metric ran
+                    raise BadInput(_cli_names(str(err), args)) from None
             for w in caught:
                 if "measure_sharpness:" in str(w.message):
                     print(f"warning: {w.message}", file=sys.stderr)
@@ -743,6 +746,9 @@ def _measure(
             write_json_atomic(stage / "report.json", doc)
         else:
             _series(reports, args, stage, keyed)
+    except BadInput as err:
+        print(f"sharpkit measure: error: {_line(err)}", file=sys.stderr)
+        return 2, False
     except Exception as err:
         print(
             f"sharpkit measure: measurement failed: {type(err).__name__}: {_line(err)}",

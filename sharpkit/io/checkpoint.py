@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sharpkit.io.results import ordinary_permissions
+from sharpkit.io.results import ordinary_permissions, writable_file
 
 __all__ = [
     "KINDS",
@@ -195,6 +195,8 @@ def load_state_dict(
         ...
         sharpkit.io.checkpoint.CheckpointError: ...text.pt: corrupt: not a readable torch checkpoint (KeyError: 101)
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     _check_location(map_location)
     _check_file(path)
@@ -263,8 +265,8 @@ def _exists(full: str) -> bool:
     return importlib.util.find_spec(parts[0]) is not None
 
 
-def _atomic_target(path: Path) -> tuple[Path, Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _atomic_target(path: Any) -> tuple[Path, Path]:
+    path = writable_file(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     return path, Path(tmp)
@@ -294,7 +296,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> Path
             odd.append(f"{k} ({why})")
     if odd:
         raise ValueError(f"state: cannot save {_names(odd)}")
-    path, tmp = _atomic_target(Path(path))
+    path, tmp = _atomic_target(path)
     try:
         if path.suffix == _SAFETENSORS_SUFFIX:
             from safetensors.torch import save_file

@@ -25,7 +25,7 @@ from sharpkit.sharpness._objective import Cost, MetricResult, Objective, supervi
 from sharpkit.sharpness._registry import REGISTRY, resolve_options
 from sharpkit.sharpness.average_case import _average_case
 from sharpkit.sharpness.fisher_rao import _fisher_rao
-from sharpkit.sharpness.pac_bayes import _pac_bayes
+from sharpkit.sharpness.pac_bayes import _pac_bayes, check_max_drop
 from sharpkit.sharpness.worst_case import _epsilon, _worst_case
 
 __all__ = [
@@ -348,7 +348,13 @@ def measure_sharpness(
             f"the default expects (inputs, targets) batches, got {type(obj.batches[0]).__name__}"
             "; pass accuracy_fn(model, batch) or set target='loss'"
         )
-    base: dict[str, float] = {"loss": obj.mean_loss()}
+    try:
+        base: dict[str, float] = {"loss": obj.mean_loss()}
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as err:
+        raise ValueError(
+            "loss_fn/data: the loss failed at the unperturbed weights, before any metric "
+            f"({type(err).__name__}: {_first_line(err)})"
+        ) from None
     acc_fn = accuracy_fn or supervised_accuracy
     try:
         base["accuracy"] = (
@@ -487,6 +493,11 @@ def check_requirements(
     criterion = loss_fn if isinstance(loss_fn, nn.modules.loss._Loss) else None
     criterion = criterion or getattr(loss_fn, "criterion", None)
     for name in metrics:
+        if name.startswith("pac_bayes"):
+            try:
+                check_max_drop(options[name]["target"], options[name]["max_drop"])
+            except ValueError as err:
+                raise ValueError(f"options: {name}.{err}") from None
         needs = REGISTRY[name].needs
         if "hvp" in needs and hvp == "linearize" and (why := linearize_blocker(loss_fn)):
             raise ValueError(f"hvp: {name} with 'linearize': {why}")
