@@ -105,7 +105,7 @@ def _count(help: str, default: int, low: int = 1) -> Option:
 _TOL = Option(
     float,
     1e-4,
-    "Lanczos stops when every wanted residual is below tol * |lambda|max",
+    "Lanczos stops when every wanted residual is below tol * max |lambda|",
     low=0.0,
     low_open=True,
     high=1.0,
