@@ -91,8 +91,10 @@ def load_digits(
         raise ValueError(f"test_fraction: must lie in (0, 1), got {test_fraction}")
     if not 0.0 <= label_noise < 1.0:
         raise ValueError(f"label_noise: must lie in [0, 1), got {label_noise}")
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype: need a floating dtype, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: need a floating torch.dtype, got {dtype!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
     from sklearn.datasets import load_digits as _sk_load_digits
 
     raw = _sk_load_digits()

@@ -8,12 +8,18 @@ trajectory (one snapshot per epoch) is kept for the PCA landscape plot.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = ["DemoRun", "demo_data", "demo_model", "train_demo"]
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
 
 
 def demo_model(hidden: int = 32, *, seed: int = 0) -> nn.Module:
@@ -23,6 +29,8 @@ def demo_model(hidden: int = 32, *, seed: int = 0) -> nn.Module:
         >>> sum(p.numel() for p in demo_model().parameters())
         2410
     """
+    _check_int("hidden", hidden, 1)
+    _check_int("seed", seed, 0)
     g = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
     with torch.no_grad():
@@ -68,6 +76,11 @@ def train_demo(
         >>> len(run.trajectory), run.test_accuracy > 0.5
         (3, True)
     """
+    _check_int("epochs", epochs, 0)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("hidden", hidden, 1)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"lr: expected a finite positive number, got {lr!r}")
     data = demo_data(seed)
     x, y = data.x_train, data.y_train
     model = demo_model(hidden, seed=seed)

@@ -23,6 +23,9 @@ _PACKAGES = (
     "peft",
 )
 
+#: import name -> distribution name, where they differ
+_DISTRIBUTIONS = {"sklearn": "scikit-learn"}
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("info", help="print versions and the device sharpkit would use")
@@ -37,7 +40,16 @@ def versions() -> dict[str, str]:
         except ImportError:
             out[name] = "not installed"
             continue
-        out[name] = str(getattr(mod, "__version__", "unknown"))
+        version = getattr(mod, "__version__", None)
+        if version is None:  # e.g. pyhessian has no __version__: ask the installed metadata
+            from importlib.metadata import PackageNotFoundError
+            from importlib.metadata import version as dist_version
+
+            try:
+                version = dist_version(_DISTRIBUTIONS.get(name, name))
+            except PackageNotFoundError:
+                version = "unknown"
+        out[name] = str(version)
     return out
 
 

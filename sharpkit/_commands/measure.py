@@ -4,15 +4,20 @@ Usage::
 
     sharpkit measure --demo [--out DIR]                # trains a small MLP on digits
     sharpkit measure CHECKPOINT --model SPEC --data SPEC [--loss cross_entropy|mse|SPEC]
-                     [--metrics NAME,NAME|all] [--set METRIC.KEY=VALUE ...]
+                     [--accuracy SPEC] [--metrics NAME,NAME|all] [--set METRIC.KEY=VALUE ...]
                      [--device cpu|cuda] [--dtype float32|float64] [--batch-size N]
-                     [--seed N] [--threads N] [--out DIR] [--no-landscape] [--no-progress]
+                     [--max-batches N] [--seed N] [--threads N] [--out DIR] [--overwrite]
+                     [--no-landscape] [--no-progress]
     sharpkit measure CKPT_1 CKPT_2 ... --model SPEC --data SPEC    # series over training
 
-``SPEC`` is ``module:callable`` or ``path/to/file.py:callable``; the callable is
+``SPEC`` is ``module:callable`` or ``path/to/file.py:callable`` (the current folder
+is on the import path, as with ``python -m``). The model and data callables are
 called without arguments. The model callable returns an ``nn.Module``; the data
-callable returns a DataLoader (or any iterable of batches), a torch Dataset, or an
-``(inputs, targets)`` pair of tensors. Built-in data: ``digits`` (the training
+callable returns a DataLoader (or any iterable of batches, read up to
+``--max-batches``), a torch Dataset, or an ``(inputs, targets)`` pair of tensors.
+``--loss`` and ``--accuracy`` take either the function itself,
+``loss_fn(model, batch)`` / ``accuracy_fn(model, batch)``, or a zero-argument
+factory returning one (an nn loss class such as ``torch.nn:CrossEntropyLoss`` is one). Built-in data: ``digits`` (the training
 split of scikit-learn's bundled digits, the demo's data) and ``digits-test``.
 Checkpoints are ``.safetensors`` or torch state dicts (loaded with
 ``weights_only=True``; pickles that need code are refused).
@@ -20,24 +25,44 @@ Checkpoints are ``.safetensors`` or torch state dicts (loaded with
 Output in ``--out`` (default ``sharpkit-out/measure``): the table on stdout,
 ``report.json`` and figures ``esd.png``, ``landscape_1d.png``,
 ``landscape_2d.png`` (and ``trajectory_pca.png`` for the demo); in series mode
-``series.json``, ``series.csv`` and ``series.png``.
+``series.json``, ``series.csv`` and ``series.png``. A series reads each
+checkpoint's step from the end of its file name (``ckpt_100``, ``step-100``,
+``epoch3``; not ``gpt2_lora``); without a step in every name, the order given.
+
+Every file is written to a staging folder and moved into ``--out`` when the whole
+measurement is done; an interrupted or failed run leaves nothing behind. The
+report records its configuration (inputs, metrics, options, seed, dtype, version)
+and a key of it; a folder that holds a result of another configuration is refused
+(pick another ``--out``, or ``--overwrite``).
 
 The demo runs with one CPU thread (``--threads`` changes it): its 2410-parameter
 model gains nothing from intra-op threads, and on a busy machine the threads'
 synchronisation made it up to ten times slower.
 
-Exit codes: 0 measured; 1 the measurement failed; 2 bad input (a one-line reason
-on stderr, before any compute): unknown metric, unloadable spec, missing or unsafe
-checkpoint, key/shape mismatch, non-finite weights.
+Exit codes: 0 measured; 1 the measurement failed (a metric that failed is recorded
+in the report, the others are kept); 2 bad input (a one-line reason on stderr,
+before any compute): unknown metric or option, an option out of range, a metric
+that cannot run with the loss or data, unloadable spec, missing, unreadable,
+corrupt or unsafe checkpoint, key/shape/dtype mismatch, non-finite weights, an
+``--out`` that is a file, unwritable or holds another configuration's result;
+130 interrupted (Ctrl-C: one line, no partial files).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import importlib
 import importlib.util
+import inspect
+import itertools
+import json
+import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,33 +76,73 @@ class BadInput(ValueError):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from sharpkit.sharpness import DEFAULT_METRICS
+    from sharpkit.sharpness._registry import describe_metrics
+
     p = subparsers.add_parser(
         "measure",
         help="measure the sharpness of a trained checkpoint (try --demo)",
         description="Sharpness metrics, curvature and loss landscapes of a checkpoint.",
-        epilog="exit codes: 0 measured; 1 the measurement failed; 2 bad input (a one-line "
-        "reason on stderr, before any compute). Metric names: sharpkit.sharpness.METRICS.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 measured; 1 the measurement failed (failed metrics are recorded, "
+        "the others kept); 2 bad input (a one-line reason on stderr, before any compute); "
+        "130 interrupted (nothing written).\n\n"
+        f"metrics (default: {','.join(DEFAULT_METRICS)}) and their options "
+        "(--set METRIC.KEY=VALUE, shown with defaults):\n" + describe_metrics(),
     )
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT", help="one or more checkpoints")
     p.add_argument("--demo", action="store_true", help="train and measure the built-in demo")
     p.add_argument("--model", help="module:callable or file.py:callable returning the nn.Module")
     p.add_argument("--data", help="'digits', 'digits-test', or module:callable / file.py:callable")
     p.add_argument(
-        "--loss", default="cross_entropy", help="cross_entropy (default), mse, or a spec"
+        "--loss",
+        default="cross_entropy",
+        help="cross_entropy (default), mse, or a spec of loss_fn(model, batch) or of a "
+        "zero-argument factory returning a loss (e.g. torch.nn:CrossEntropyLoss)",
     )
-    p.add_argument("--metrics", default="default", help="comma list, 'default' or 'all'")
+    p.add_argument(
+        "--accuracy",
+        default=None,
+        help="spec of accuracy_fn(model, batch) -> scalar (or a zero-argument factory of one) "
+        "for the base accuracy and pac_bayes; default: arg-max accuracy on (inputs, targets)",
+    )
+    p.add_argument(
+        "--metrics",
+        default="default",
+        help="comma list of metric names (see below), 'default' or 'all'",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="METRIC.KEY=VALUE",
-        help="override a metric option, e.g. worst_case.rho=0.1 (repeatable)",
+        help="override a metric option, e.g. worst_case.rho=0.1 (repeatable; checked "
+        "against the options below before any compute)",
     )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--batch-size", type=int, default=256, help="batch size for tensors/datasets")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float64"),
+        help="compute dtype of the model copy the metrics run on (default float32)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="examples per batch when --data gives tensors or a Dataset (default 256)",
+    )
+    p.add_argument(
+        "--max-batches",
+        type=int,
+        default=1000,
+        help="read at most this many batches from --data (default 1000; a longer or "
+        "endless iterable is cut there, with a note)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of every stochastic metric (default 0)"
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -94,8 +159,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "memory; not with --loss mse, which crashes torch 2.13's tracer)",
     )
     p.add_argument("--out", type=Path, default=Path("sharpkit-out/measure"), help="output folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a result of another configuration in --out (refused otherwise)",
+    )
     p.add_argument("--no-landscape", action="store_true", help="skip the landscape figures")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (they are off anyway when stderr is not a terminal)",
+    )
     p.set_defaults(func=run)
 
 
@@ -119,6 +193,9 @@ def load_spec(spec: str, what: str) -> Callable[..., Any]:
         except Exception as err:
             raise BadInput(f"--{what}: importing {target!r} failed: {err}") from None
     else:
+        cwd = os.getcwd()
+        if cwd not in sys.path and "" not in sys.path:  # as `python -m` would have it
+            sys.path.insert(0, cwd)
         try:
             module = importlib.import_module(target)
         except Exception as err:
@@ -137,7 +214,8 @@ def _builtin_digits(split: str, batch_size: int) -> list[Any]:
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
 
 
-def _load_data(spec: str, batch_size: int) -> Any:
+def _load_data(spec: str, batch_size: int, max_batches: int) -> list[Any]:
+    """The batches of ``--data``, materialised (an iterable is read once, bounded)."""
     import torch
 
     if spec == "digits":
@@ -149,26 +227,69 @@ def _load_data(spec: str, batch_size: int) -> Any:
     except BadInput:
         raise
     except Exception as err:
-        raise BadInput(f"--data: calling {spec!r} failed: {err}") from None
+        raise BadInput(f"--data: calling {spec!r} failed: {_line(err)}") from None
     if (
         isinstance(obj, (tuple, list))
         and len(obj) == 2
         and all(isinstance(t, torch.Tensor) for t in obj)
     ):
         x, y = obj
-        return [
-            (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)
-        ]
-    if isinstance(obj, torch.utils.data.Dataset) and not isinstance(
+        if len(x) != len(y):
+            raise BadInput(f"--data: {spec!r} gave {len(x)} inputs but {len(y)} targets")
+        obj = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    elif isinstance(obj, torch.utils.data.Dataset) and not isinstance(
         obj, torch.utils.data.IterableDataset
     ):
-        return torch.utils.data.DataLoader(obj, batch_size=batch_size, shuffle=False)
-    if hasattr(obj, "__iter__"):
-        return obj
-    raise BadInput(
-        f"--data: {spec!r} returned {type(obj).__name__}; expected a DataLoader, an iterable of "
-        "batches, a Dataset or an (inputs, targets) pair"
-    )
+        obj = torch.utils.data.DataLoader(obj, batch_size=batch_size, shuffle=False)
+    elif isinstance(obj, (torch.Tensor, str, bytes, dict)) or not hasattr(obj, "__iter__"):
+        raise BadInput(
+            f"--data: {spec!r} returned {type(obj).__name__}; expected a DataLoader, an iterable "
+            "of batches, a Dataset or an (inputs, targets) pair"
+        )
+    try:
+        batches = list(itertools.islice(iter(obj), max_batches + 1))
+    except Exception as err:
+        raise BadInput(f"--data: iterating {spec!r} failed: {_line(err)}") from None
+    if not batches:
+        raise BadInput(f"--data: {spec!r} gave no batches")
+    if len(batches) > max_batches:
+        batches = batches[:max_batches]
+        print(
+            f"note: --data {spec!r} gives more than {max_batches} batches; measuring the first "
+            f"{max_batches} (--max-batches)",
+            file=sys.stderr,
+        )
+    return batches
+
+
+def _line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _required_positional(fn: Any) -> int | None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in sig.parameters.values() if p.kind in kinds and p.default is p.empty)
+
+
+def _function_or_factory(spec: str, what: str) -> Any:
+    """A ``fn(model, batch)`` spec itself, or what its zero-argument factory returns."""
+    fn = load_spec(spec, what)
+    if isinstance(fn, type) or _required_positional(fn) == 0:
+        try:
+            return fn()
+        except Exception as err:
+            raise BadInput(f"--{what}: calling {spec!r} failed: {_line(err)}") from None
+    if _required_positional(fn) not in (None, 2):
+        raise BadInput(
+            f"--{what}: {spec!r} takes {_required_positional(fn)} arguments; expected "
+            f"{what}_fn(model, batch) or a zero-argument factory returning one"
+        )
+    return fn
 
 
 def _load_loss(spec: str) -> Any:
@@ -178,12 +299,7 @@ def _load_loss(spec: str) -> Any:
         return nn.CrossEntropyLoss()
     if spec == "mse":
         return nn.MSELoss()
-    try:
-        loss = load_spec(spec, "loss")()
-    except BadInput:
-        raise
-    except Exception as err:
-        raise BadInput(f"--loss: calling {spec!r} failed: {err}") from None
+    loss = _function_or_factory(spec, "loss")
     from sharpkit._batch import as_batch_loss
 
     try:
@@ -193,11 +309,13 @@ def _load_loss(spec: str) -> Any:
     return loss
 
 
-def _check_hvp(hvp: str, loss: Any) -> None:
-    from sharpkit.curvature.hessian import linearize_blocker
-
-    if hvp == "linearize" and (why := linearize_blocker(loss)) is not None:
-        raise BadInput(f"--hvp linearize: {why}")
+def _load_accuracy(spec: str | None) -> Any:
+    if spec is None:
+        return None
+    fn = _function_or_factory(spec, "accuracy")
+    if not callable(fn):
+        raise BadInput(f"--accuracy: {spec!r} gave {type(fn).__name__}, not a function")
+    return fn
 
 
 def _parse_metrics(text: str) -> list[str]:
@@ -214,26 +332,24 @@ def _parse_metrics(text: str) -> list[str]:
     return names
 
 
-def _parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    from sharpkit.sharpness import METRICS
+def _parse_overrides(items: list[str], metrics: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set METRIC.KEY=VALUE`` items, checked against the metric registry."""
+    from sharpkit.sharpness._registry import resolve_options
 
-    out: dict[str, dict[str, Any]] = {}
+    given: dict[str, dict[str, Any]] = {}
     for item in items:
-        m = re.fullmatch(r"([a-z_]+)\.([a-z_]+)=(.+)", item.strip())
+        m = re.fullmatch(r"([A-Za-z_]\w*)\.([A-Za-z_]\w*)=(.+)", item.strip())
         if not m:
             raise BadInput(f"--set: expected METRIC.KEY=VALUE, got {item!r}")
         metric, key, raw = m.groups()
-        if metric not in METRICS:
-            raise BadInput(f"--set: unknown metric {metric!r}")
-        value: Any = raw
-        for conv in (int, float):
-            try:
-                value = conv(raw)
-                break
-            except ValueError:
-                continue
-        out.setdefault(metric, {})[key] = value
-    return out
+        if key in given.get(metric, {}):
+            raise BadInput(f"--set: {metric}.{key} given twice")
+        given.setdefault(metric, {})[key] = raw.strip()
+    try:
+        resolved = resolve_options(metrics, given, from_text=True, where="--set")
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+    return {m: {k: resolved[m][k] for k in keys} for m, keys in given.items()}
 
 
 def _make_model(spec: str) -> Any:
@@ -244,7 +360,7 @@ def _make_model(spec: str) -> Any:
     except BadInput:
         raise
     except Exception as err:
-        raise BadInput(f"--model: calling {spec!r} failed: {err}") from None
+        raise BadInput(f"--model: calling {spec!r} failed: {_line(err)}") from None
     if not isinstance(model, nn.Module):
         raise BadInput(f"--model: {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
@@ -260,9 +376,22 @@ def _load_into(model_spec: str, path: str) -> Any:
         raise BadInput(str(err)) from None
 
 
-def _step_of(path: str, index: int) -> int:
-    nums = re.findall(r"\d+", Path(path).stem)
-    return int(nums[-1]) if nums else index
+#: a step at the end of a file name: ``ckpt_100``, ``step-100``, ``epoch3``, ``100``
+#: (a digit glued to a word, as in ``gpt2`` or ``lora_v2``, is not a step)
+_STEP = re.compile(r"(?:^|[_\-.]|step|epoch|iter|ckpt|checkpoint)[_\-]?(\d+)$", re.IGNORECASE)
+
+
+def _step_of(path: str) -> int | None:
+    m = _STEP.search(Path(path).stem)
+    return int(m.group(1)) if m else None
+
+
+def _steps(paths: list[str]) -> tuple[list[int], str]:
+    """Steps from the file names when every name has a distinct one, else the order."""
+    found = [_step_of(p) for p in paths]
+    if all(s is not None for s in found) and len(set(found)) == len(found):
+        return [int(s) for s in found if s is not None], "file name"
+    return list(range(len(paths))), "order given"
 
 
 # -- figures -----------------------------------------------------------------------------
@@ -281,7 +410,7 @@ def _figures(
     from sharpkit.plotting.landscape import plot_surface_1d, plot_surface_2d
 
     files: list[str] = []
-    progress = not args.no_progress
+    progress = not args.no_progress and sys.stderr.isatty()
     if "esd" in report.metrics:
         import matplotlib.pyplot as plt
 
@@ -333,11 +462,102 @@ def _figures(
 
 
 # -- the command -------------------------------------------------------------------------
+#: files a measurement writes into --out (a folder holding one of them holds a result)
+_RESULTS = ("report.json", "series.json")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out that is a file or cannot be created or written, before compute."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out: {str(out)!r} is a file, not a folder")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise BadInput(f"--out: cannot create {str(out)!r}: {str(probe)!r} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BadInput(f"--out: {str(probe)!r} is not writable")
+
+
+def _config(args: Any) -> dict[str, Any]:
+    """Everything that decides the numbers of this run (and the sharpkit version)."""
+    from sharpkit import __version__
+
+    def fingerprint(path: str) -> dict[str, Any]:
+        st = Path(path).stat()
+        return {"path": str(Path(path).resolve()), "bytes": st.st_size, "mtime": st.st_mtime}
+
+    return {
+        "sharpkit": __version__,
+        "demo": bool(args.demo),
+        "checkpoints": [fingerprint(c) for c in args.checkpoints],
+        "model": args.model,
+        "data": args.data,
+        "loss": args.loss,
+        "accuracy": args.accuracy,
+        "metrics": args.metric_names,
+        "options": args.options,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "device": str(args.device_obj),
+        "batch_size": args.batch_size,
+        "max_batches": args.max_batches,
+        "hvp": args.hvp,
+        "landscape": not args.no_landscape,
+    }
+
+
+def _config_key(config: dict[str, Any]) -> str:
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_not_another_config(out: Path, key: str, overwrite: bool) -> None:
+    for name in _RESULTS:
+        path = out / name
+        if not path.exists():
+            continue
+        try:
+            other = json.loads(path.read_text()).get("config_key")
+        except (OSError, ValueError, AttributeError):
+            other = None
+        if other != key and not overwrite:
+            what = f"configuration {other}" if other else "an unknown configuration"
+            raise BadInput(
+                f"--out: {str(out)!r} holds {name} of {what} (this run: {key}); choose another "
+                "--out or pass --overwrite"
+            )
+
+
+def _cli_names(message: str, args: Any) -> str:
+    """A library message in the command line's words (its argument names)."""
+    for lib, cli in (
+        ("hvp: ", f"--hvp {args.hvp}: "),
+        ("loss_fn: ", "--loss: "),
+        ("options: ", "--set: "),
+        ("accuracy_fn: ", "--accuracy: "),
+    ):
+        if message.startswith(lib):
+            return cli + message[len(lib) :]
+    return message
+
+
+def _data_label(args: Any) -> str:
+    if args.demo or args.data == "digits":
+        return "digits, train split"
+    if args.data == "digits-test":
+        return "digits, test split"
+    return str(args.data)
+
+
 def _validate(args: Any) -> tuple[Any, Any, list[Any], Any]:
-    """Everything that can be refused, before compute: returns (loss, data, models, traj)."""
+    """Everything that can be refused, before compute: returns (loss, data, models, accuracy)."""
     import torch
 
     from sharpkit._device import resolve_device
+    from sharpkit.sharpness.report import check_requirements
 
     try:
         args.device_obj = resolve_device(args.device)
@@ -348,67 +568,134 @@ def _validate(args: Any) -> tuple[Any, Any, list[Any], Any]:
         raise BadInput(f"--threads: expected a positive integer, got {args.threads}")
     if args.batch_size < 1:
         raise BadInput(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    if args.max_batches < 1:
+        raise BadInput(f"--max-batches: expected a positive integer, got {args.max_batches}")
+    if args.seed < 0:
+        raise BadInput(f"--seed: expected a non-negative integer, got {args.seed}")
     args.metric_names = _parse_metrics(args.metrics)
-    args.options = _parse_overrides(args.overrides)
+    args.options = _parse_overrides(args.overrides, args.metric_names)
+    _check_out(args.out)
     if args.demo:
-        if args.checkpoints or args.model or args.data:
-            raise BadInput("--demo: takes no CHECKPOINT, --model or --data")
+        if args.checkpoints or args.model or args.data or args.accuracy:
+            raise BadInput("--demo: takes no CHECKPOINT, --model, --data or --accuracy")
         if args.loss != "cross_entropy":
             raise BadInput("--demo: measures its classifier with cross_entropy; takes no --loss")
-        return None, None, [], None
-    if not args.checkpoints:
-        raise BadInput("give a CHECKPOINT (with --model and --data), or --demo")
-    if not args.model:
-        raise BadInput("--model: required with a CHECKPOINT (module:callable or file.py:callable)")
-    if not args.data:
-        raise BadInput("--data: required with a CHECKPOINT ('digits' or a spec)")
-    loss = _load_loss(args.loss)
-    _check_hvp(args.hvp, loss)
-    data = _load_data(args.data, args.batch_size)
+        loss, data, models, accuracy = torch.nn.CrossEntropyLoss(), None, [], None
+    else:
+        if not args.checkpoints:
+            raise BadInput("give a CHECKPOINT (with --model and --data), or --demo")
+        if not args.model:
+            raise BadInput(
+                "--model: required with a CHECKPOINT (module:callable or file.py:callable)"
+            )
+        if not args.data:
+            raise BadInput("--data: required with a CHECKPOINT ('digits' or a spec)")
+        loss = _load_loss(args.loss)
+        accuracy = _load_accuracy(args.accuracy)
+    from sharpkit.sharpness._registry import resolve_options
+
+    resolved = resolve_options(args.metric_names, args.options)
+    try:
+        check_requirements(args.metric_names, resolved, loss, hvp=args.hvp)
+    except (TypeError, ValueError) as err:
+        raise BadInput(_cli_names(str(err), args)) from None
+    if args.demo:
+        return loss, data, models, accuracy
+    data = _load_data(args.data, args.batch_size, args.max_batches)
+    needs_acc = [m for m in args.metric_names if resolved[m].get("target") == "accuracy"]
+    first = data[0]
+    if (
+        needs_acc
+        and accuracy is None
+        and not (isinstance(first, (tuple, list)) and len(first) == 2)
+    ):
+        raise BadInput(
+            f"--accuracy: {', '.join(needs_acc)} needs an accuracy and the default expects "
+            f"(inputs, targets) batches, but --data gives {type(first).__name__}; pass "
+            "--accuracy SPEC, --set pac_bayes.target=loss, or leave pac_bayes out"
+        )
     models = [_load_into(args.model, c) for c in args.checkpoints]
-    return loss, data, models, None
+    return loss, data, models, accuracy
 
 
-def _print(report: Any, title: str) -> None:
+def _print(report: Any, title: str, data: str) -> None:
     from rich.console import Console
 
-    Console(width=120).print(report.table(title=title))
+    Console(width=120).print(report.table(title=title, data=data))
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        loss, data, models, _ = _validate(args)
-    except BadInput as err:
-        print(f"sharpkit measure: error: {err}", file=sys.stderr)
-        return 2
-    out: Path = args.out
-    progress = not args.no_progress
-    threads = args.threads if args.threads is not None else (1 if args.demo else None)
-    import torch
+        try:
+            loss, data, models, accuracy = _validate(args)
+            args.config = _config(args)
+            args.config_key = _config_key(args.config)
+            _check_not_another_config(args.out, args.config_key, args.overwrite)
+        except BadInput as err:
+            print(f"sharpkit measure: error: {err}", file=sys.stderr)
+            return 2
+        out: Path = args.out
+        progress = not args.no_progress and sys.stderr.isatty()
+        threads = args.threads if args.threads is not None else (1 if args.demo else None)
+        import torch
 
-    threads_before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+        threads_before = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            return _staged(args, loss, accuracy, data, models, out, progress)
+        finally:
+            torch.set_num_threads(threads_before)
+    except KeyboardInterrupt:
+        print("sharpkit measure: interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+def _staged(
+    args: Any, loss: Any, accuracy: Any, data: Any, models: list[Any], out: Path, progress: bool
+) -> int:
+    """Run the measurement into a staging folder; move its files into ``out`` at the end."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
     try:
-        return _measure(args, loss, data, models, out, progress)
+        code, written = _measure(args, loss, accuracy, data, models, stage, out, progress)
+        if written:
+            results = [p for p in stage.iterdir() if p.name in _RESULTS]
+            for p in [q for q in stage.iterdir() if q not in results] + results:
+                os.replace(p, out / p.name)  # the result files last
+            print(f"wrote {out}")
+        return code
     finally:
-        torch.set_num_threads(threads_before)
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and out.exists() and not any(out.iterdir()):
+            out.rmdir()
 
 
-def _measure(args: Any, loss: Any, data: Any, models: list[Any], out: Path, progress: bool) -> int:
-    from sharpkit.io import save_state_dict, write_json_atomic
+def _measure(
+    args: Any,
+    loss: Any,
+    accuracy: Any,
+    data: Any,
+    models: list[Any],
+    stage: Path,
+    out: Path,
+    progress: bool,
+) -> tuple[int, bool]:
+    import warnings
+
+    from sharpkit.io import save_state_dict
     from sharpkit.sharpness import measure_sharpness
 
     t_start = time.perf_counter()
+    label = _data_label(args)
     try:
         trajectory = None
         if args.demo:
-            from torch import nn
-
             from sharpkit.demo import train_demo
 
             run_ = train_demo(seed=args.seed)
-            model, loss = run_.model, nn.CrossEntropyLoss()
+            model = run_.model
             x, y = run_.train
             data = [
                 (x[i : i + args.batch_size], y[i : i + args.batch_size])
@@ -416,37 +703,72 @@ def _measure(args: Any, loss: Any, data: Any, models: list[Any], out: Path, prog
             ]
             models = [model]
             trajectory = run_.trajectory
-            ckpt = save_state_dict(model.state_dict(), out / "demo_model.safetensors")
+            save_state_dict(model.state_dict(), stage / "demo_model.safetensors")
+            ckpt = out / "demo_model.safetensors"
             print(
                 f"demo: trained a 64-32-10 MLP on digits ({len(y)} training examples), "
-                f"test accuracy {run_.test_accuracy:.3f}; saved {ckpt}"
+                f"test accuracy {run_.test_accuracy:.3f}; saving {ckpt}"
             )
             args.checkpoints = [str(ckpt)]
         reports = []
         for i, model in enumerate(models):
-            rep = measure_sharpness(
-                model, loss, data, args.metric_names, options=args.options, seed=args.seed,
-                device=args.device_obj, dtype=args.dtype_obj, hvp=args.hvp, progress=progress,
-            )  # fmt: skip
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    rep = measure_sharpness(
+                        model, loss, data, args.metric_names, options=args.options,
+                        accuracy_fn=accuracy, seed=args.seed, device=args.device_obj,
+                        dtype=args.dtype_obj, hvp=args.hvp, progress=progress,
+                    )  # fmt: skip
+                except (ValueError, TypeError) as err:  # refused before any metric ran
+                    raise BadInput(_cli_names(str(err), args)) from None
+            for w in caught:
+                if "measure_sharpness:" in str(w.message):
+                    print(f"warning: {w.message}", file=sys.stderr)
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             reports.append(rep)
             if len(models) > 1:
                 print(f"[{i + 1}/{len(models)}] {args.checkpoints[i]}: loss {rep.base['loss']:.4g}")
+        keyed = {"config": args.config, "config_key": args.config_key}
         if len(models) == 1:
             rep = reports[0]
-            _print(rep, f"sharpness of {args.checkpoints[0]}")
-            figures = _figures(rep, models[0], loss, data, out, args, trajectory)
-            doc = rep.to_dict() | {"checkpoint": args.checkpoints[0], "figures": figures}
-            write_json_atomic(out / "report.json", doc)
+            _print(rep, f"sharpness of {args.checkpoints[0]}", label)
+            figures = _figures(rep, models[0], loss, data, stage, args, trajectory)
+            doc = rep.to_dict() | {
+                "checkpoint": args.checkpoints[0],
+                "data": label,
+                "figures": [str(out / Path(f).name) for f in figures],
+                **keyed,
+            }
+            from sharpkit.io import write_json_atomic
+
+            write_json_atomic(stage / "report.json", doc)
         else:
-            _series(reports, args, out)
+            _series(reports, args, stage, keyed)
+    except BadInput as err:
+        print(f"sharpkit measure: error: {_line(err)}", file=sys.stderr)
+        return 2, False
     except Exception as err:
-        print(f"sharpkit measure: measurement failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {out} in {time.perf_counter() - t_start:.1f} s")
-    return 0
+        print(
+            f"sharpkit measure: measurement failed: {type(err).__name__}: {_line(err)}",
+            file=sys.stderr,
+        )
+        return 1, False
+    failed = sorted({n for r in reports for n in r.failures})
+    if failed:
+        print(
+            f"sharpkit measure: {len(failed)} metric(s) failed ({', '.join(failed)}); the "
+            "report keeps the others and records why",
+            file=sys.stderr,
+        )
+    print(f"measured in {time.perf_counter() - t_start:.1f} s")
+    return (1 if failed else 0), True
 
 
-def _series(reports: list[Any], args: Any, out: Path) -> None:
+def _series(reports: list[Any], args: Any, stage: Path, keyed: dict[str, Any]) -> None:
+    import math
+
     from rich.console import Console
     from rich.table import Table
 
@@ -454,8 +776,18 @@ def _series(reports: list[Any], args: Any, out: Path) -> None:
     from sharpkit.plotting._save import save_figure
     from sharpkit.plotting.sharpness import plot_sharpness_series
 
-    steps = [_step_of(c, i) for i, c in enumerate(args.checkpoints)]
-    names = list(reports[0].metrics)
+    steps, source = _steps(args.checkpoints)
+    if source != "file name":
+        print(
+            "note: series: not every checkpoint name ends in a distinct step (ckpt_100, "
+            "step-100, epoch3); steps are the order given",
+            file=sys.stderr,
+        )
+    names = list(args.metric_names)
+
+    def value(r: Any, n: str) -> float:
+        return r.metrics[n].value if n in r.metrics else math.nan
+
     table = Table(title="sharpness over training")
     table.add_column("checkpoint")
     table.add_column("step", justify="right")
@@ -464,25 +796,28 @@ def _series(reports: list[Any], args: Any, out: Path) -> None:
         table.add_column(n, justify="right")
     rows = []
     for c, s, r in zip(args.checkpoints, steps, reports):
-        vals = [r.metrics[n].value for n in names]
+        vals = [value(r, n) for n in names]
         table.add_row(Path(c).name, str(s), f"{r.base['loss']:.4g}", *(f"{v:.4g}" for v in vals))
-        rows.append({"checkpoint": c, "step": s, "loss": r.base["loss"], **dict(zip(names, vals))})
+        rows.append([c, s, r.base["loss"], *vals])
     Console(width=160).print(table)
     write_json_atomic(
-        out / "series.json",
+        stage / "series.json",
         {
             "checkpoints": args.checkpoints,
             "steps": steps,
+            "step_source": source,
             "reports": [r.to_dict() for r in reports],
+            **keyed,
         },
     )
-    header = ["checkpoint", "step", "loss", *names]
-    lines = [",".join(header)] + [",".join(str(row[h]) for h in header) for row in rows]
-    (out / "series.csv").write_text("\n".join(lines) + "\n")
+    with open(stage / "series.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["checkpoint", "step", "loss", *names])
+        writer.writerows(rows)
     fig = plot_sharpness_series(
         steps,
-        {n: [r.metrics[n].value for r in reports] for n in names},
-        {n: [r.metrics[n].stderr for r in reports] for n in names},
-        xlabel="step",
+        {n: [value(r, n) for r in reports] for n in names},
+        {n: [r.metrics[n].stderr if n in r.metrics else None for r in reports] for n in names},
+        xlabel="step" if source == "file name" else "checkpoint (order given)",
     )
-    save_figure(fig, out, "series", formats=("png",))
+    save_figure(fig, stage, "series", formats=("png",))

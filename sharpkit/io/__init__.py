@@ -1,16 +1,21 @@
 """Result files and safe checkpoint loading."""
 
 from .checkpoint import (
+    KINDS,
+    MAX_NAMES,
     CheckpointError,
     check_state_dict,
     load_checkpoint,
     load_state_dict,
     nonfinite_entries,
+    save_model,
     save_state_dict,
 )
 from .results import MeasurementProtocol, read_json, to_jsonable, write_json_atomic
 
 __all__ = [
+    "KINDS",
+    "MAX_NAMES",
     "CheckpointError",
     "MeasurementProtocol",
     "check_state_dict",
@@ -18,6 +23,7 @@ __all__ = [
     "load_state_dict",
     "nonfinite_entries",
     "read_json",
+    "save_model",
     "save_state_dict",
     "to_jsonable",
     "write_json_atomic",

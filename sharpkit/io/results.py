@@ -105,15 +105,40 @@ def to_jsonable(obj: Any) -> Any:
     raise TypeError(f"to_jsonable: cannot convert {type(obj).__name__} to JSON")
 
 
+def ordinary_permissions(path: str | Path) -> None:
+    """Give a file made by :func:`tempfile.mkstemp` (mode 0600) the mode a plain
+    ``open(path, "w")`` would have given it (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def writable_file(path: Any) -> Path:
+    """``path`` as a :class:`Path` whose folder exists, or a ``ValueError`` naming why not
+    (a directory at the path, a file where a folder must be)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path: {str(path)!r} is a directory")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"path: cannot write {str(path)!r}: {str(parent)!r} is a file")
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_json_atomic(path: str | Path, obj: Any, *, indent: int = 2) -> Path:
     """Write ``to_jsonable(obj)`` to ``path`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = writable_file(path)
     text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        ordinary_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

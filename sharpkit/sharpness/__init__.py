@@ -9,6 +9,10 @@
 - :func:`measure_sharpness` and :class:`SharpnessReport`: any set of the above plus
   curvature (lambda_max, top-k, lambda_min, trace, ESD), with protocol and JSON.
 
+:data:`REGISTRY` holds every metric's options (type, default, range, help) and needs;
+:func:`resolve_options` checks options against it (the API and the CLI both do,
+before any compute).
+
 Each metric returns a :class:`MetricResult` (value, stderr, details, cost in
 forward/gradient/HVP/JVP batch evaluations, protocol). The caller's model is never
 modified: metrics run on a private copy. Every evaluation of a metric replays the
@@ -18,6 +22,7 @@ masks, not mask noise.
 """
 
 from sharpkit.sharpness._objective import Cost, MetricResult
+from sharpkit.sharpness._registry import REGISTRY, MetricSpec, Option, resolve_options
 from sharpkit.sharpness.average_case import average_case_sharpness
 from sharpkit.sharpness.fisher_rao import fisher_rao_norm
 from sharpkit.sharpness.pac_bayes import pac_bayes_flatness
@@ -33,9 +38,12 @@ from sharpkit.sharpness.worst_case import epsilon_sharpness, project, worst_case
 __all__ = [
     "DEFAULT_METRICS",
     "METRICS",
+    "REGISTRY",
     "SCHEMA_VERSION",
     "Cost",
     "MetricResult",
+    "MetricSpec",
+    "Option",
     "SharpnessReport",
     "average_case_sharpness",
     "epsilon_sharpness",
@@ -43,5 +51,6 @@ __all__ = [
     "measure_sharpness",
     "pac_bayes_flatness",
     "project",
+    "resolve_options",
     "worst_case_sharpness",
 ]

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from sharpkit._progress import progress_bar
 from sharpkit.sharpness._objective import (
     MetricResult,
     Objective,
@@ -79,7 +79,7 @@ def _average_case(
         base = sum(lb * nb for lb, nb in zip(bases, obj.sizes)) / n
         # one noise draw is shared by all batches: the sample is the full-data increase
         per_sample = []
-        for _ in tqdm(range(samples), desc=name, disable=not progress, leave=False):
+        for _ in progress_bar(range(samples), name, progress):
             d = sample_noise(c, rho, noise, gen)
             inc = sum(
                 (obj.loss(b, d) - lb) * nb for b, lb, nb in zip(obj.batches, bases, obj.sizes)

@@ -41,6 +41,22 @@ MAGNITUDE_EPS = 1e-3
 TARGETS = ("accuracy", "loss")
 
 
+def check_max_drop(target: str, max_drop: float) -> None:
+    """An accuracy drops by at most 1: ``max_drop >= 1`` could never be exceeded.
+
+    Example:
+        >>> check_max_drop("accuracy", 1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: max_drop: an accuracy drop lies in [0, 1], so max_drop=1.0 can never be exceeded and the search could not converge; use max_drop < 1 or target='loss'
+    """
+    if target == "accuracy" and max_drop >= 1:
+        raise ValueError(
+            f"max_drop: an accuracy drop lies in [0, 1], so max_drop={max_drop!r} can never be "
+            "exceeded and the search could not converge; use max_drop < 1 or target='loss'"
+        )
+
+
 def _pac_bayes(
     obj: Objective,
     *,
@@ -57,6 +73,7 @@ def _pac_bayes(
     if target not in TARGETS:
         raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
     _check_positive("max_drop", max_drop)
+    check_max_drop(target, max_drop)
     _check_positive("samples", samples, integer=True)
     _check_positive("sigma_init", sigma_init)
     _check_positive("rtol", rtol)

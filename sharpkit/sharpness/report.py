@@ -12,6 +12,7 @@ import dataclasses
 import io
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ from torch import nn
 
 from sharpkit.io.results import MeasurementProtocol, to_jsonable, write_json_atomic
 from sharpkit.sharpness._objective import Cost, MetricResult, Objective, supervised_accuracy
+from sharpkit.sharpness._registry import REGISTRY, resolve_options
 from sharpkit.sharpness.average_case import _average_case
 from sharpkit.sharpness.fisher_rao import _fisher_rao
-from sharpkit.sharpness.pac_bayes import _pac_bayes
+from sharpkit.sharpness.pac_bayes import _pac_bayes, check_max_drop
 from sharpkit.sharpness.worst_case import _epsilon, _worst_case
 
 __all__ = [
@@ -38,23 +40,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 
 #: every metric name :func:`measure_sharpness` knows, with a one-line description
-METRICS: dict[str, str] = {
-    "lambda_max": "largest Hessian eigenvalue (Lanczos)",
-    "top_k": "k largest Hessian eigenvalues (Lanczos)",
-    "lambda_min": "smallest Hessian eigenvalue (Lanczos)",
-    "trace": "Hessian trace (Hutch++)",
-    "esd": "Hessian spectral density (SLQ)",
-    "worst_case": "worst-case sharpness, p=2, c=1 (auto-PGD)",
-    "worst_case_adaptive": "worst-case sharpness, p=2, c=|w| (auto-PGD)",
-    "worst_case_inf": "worst-case sharpness, p=inf, c=1 (auto-PGD)",
-    "worst_case_adaptive_inf": "worst-case sharpness, p=inf, c=|w| (auto-PGD)",
-    "average_case": "average-case sharpness, Gaussian, c=1",
-    "average_case_adaptive": "average-case sharpness, Gaussian, c=|w|",
-    "pac_bayes": "PAC-Bayes flatness 1/sigma^2 (accuracy drop 0.1)",
-    "pac_bayes_mag": "magnitude-aware PAC-Bayes flatness 1/sigma^2",
-    "fisher_rao": "Fisher-Rao norm (empirical Fisher)",
-    "epsilon_sharpness": "Keskar epsilon-sharpness (box, full data)",
-}
+METRICS: dict[str, str] = {name: spec.description for name, spec in REGISTRY.items()}
 
 #: what ``sharpkit measure`` computes unless told otherwise
 DEFAULT_METRICS: tuple[str, ...] = (
@@ -70,23 +56,7 @@ DEFAULT_METRICS: tuple[str, ...] = (
 )
 
 #: default settings per metric; ``measure_sharpness(options=...)`` overrides them
-DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "lambda_max": {"tol": 1e-4},
-    "top_k": {"k": 5, "tol": 1e-4},
-    "lambda_min": {"tol": 1e-4},
-    "trace": {"method": "hutch++", "num_samples": 60},
-    "esd": {"runs": 3, "steps": 60, "num_points": 400},
-    "worst_case": {"rho": 0.05, "steps": 20, "m": 128},
-    "worst_case_adaptive": {"rho": 0.5, "steps": 20, "m": 128},
-    "worst_case_inf": {"rho": 0.001, "steps": 20, "m": 128},
-    "worst_case_adaptive_inf": {"rho": 0.01, "steps": 20, "m": 128},
-    "average_case": {"rho": 0.01, "samples": 32},
-    "average_case_adaptive": {"rho": 0.1, "samples": 32},
-    "pac_bayes": {"samples": 4},
-    "pac_bayes_mag": {"samples": 4},
-    "fisher_rao": {},
-    "epsilon_sharpness": {"epsilon": 1e-3, "steps": 20},
-}
+DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {n: s.defaults() for n, s in REGISTRY.items()}
 
 
 @dataclasses.dataclass
@@ -99,6 +69,8 @@ class SharpnessReport:
         model: number of parameters and their dtype.
         protocol: the measurement as a whole (data, mode, dtype, seed, options).
         timings: wall seconds per metric.
+        failures: name -> one-line reason, for each metric that raised while running
+            (the others are kept).
         schema_version: version of the JSON layout (:data:`SCHEMA_VERSION`).
     """
 
@@ -107,7 +79,13 @@ class SharpnessReport:
     model: dict[str, Any]
     protocol: MeasurementProtocol
     timings: dict[str, float]
+    failures: dict[str, str] = dataclasses.field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def not_converged(self) -> list[str]:
+        """Names of the metrics whose estimator stopped before its tolerance was met."""
+        return [n for n, r in self.metrics.items() if r.details.get("converged") is False]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON form."""
@@ -119,6 +97,8 @@ class SharpnessReport:
                 "protocol": self.protocol,
                 "timings": self.timings,
                 "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
+                "not_converged": self.not_converged,
+                "failures": self.failures,
             }
         )
 
@@ -130,29 +110,45 @@ class SharpnessReport:
         """name -> value, for tables over several reports."""
         return {k: v.value for k, v in self.metrics.items()}
 
-    def table(self, title: str | None = None) -> Any:
-        """A :class:`rich.table.Table` (metric, value, stderr, cost, time)."""
+    def caption(self, data: str | None = None) -> str:
+        """One line: the data measured on, the base loss and accuracy."""
+        p = self.protocol
+        parts = [f"data: {data + ', ' if data else ''}{p.examples} examples in {p.batches} batches"]
+        parts.append(f"base loss {_fmt(self.base.get('loss'))}")
+        if "accuracy" in self.base:
+            parts.append(f"base accuracy {_fmt(self.base['accuracy'])}")
+        return "; ".join(parts)
+
+    def table(self, title: str | None = None, *, data: str | None = None) -> Any:
+        """A :class:`rich.table.Table` (metric, value, stderr, setting, cost, time).
+
+        Args:
+            title: the table's title.
+            data: what the data is (e.g. ``"digits, train split"``), for the caption.
+        """
         from rich.table import Table
 
-        t = Table(title=title or "sharpness profile")
+        t = Table(title=title or "sharpness profile", caption=self.caption(data))
         for col, just in (
             ("metric", "left"),
             ("value", "right"),
             ("± stderr", "right"),
             ("setting", "left"),
             ("cost (batch evals)", "right"),
-            ("time [s]", "right"),
+            ("time", "right"),
         ):
-            t.add_column(col, justify=just)  # type: ignore[arg-type]
+            t.add_column(col, justify=just, no_wrap=col == "metric")  # type: ignore[arg-type]
         for name, r in self.metrics.items():
             t.add_row(
                 name,
-                _fmt(r.value),
-                "" if r.stderr is None else _fmt(r.stderr),
+                _value(r),
+                _error_note(r) if r.stderr is None else _fmt(r.stderr),
                 _setting(r),
                 _cost(r.cost),
-                f"{self.timings.get(name, math.nan):.2f}",
+                f"{self.timings.get(name, math.nan):.2f} s",
             )
+        for name, why in self.failures.items():
+            t.add_row(name, "FAILED", "", why, "", f"{self.timings.get(name, math.nan):.2f} s")
         return t
 
     def __str__(self) -> str:
@@ -163,7 +159,7 @@ class SharpnessReport:
         return buf.getvalue()
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: Any) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return str(x)
     return f"{x:.4g}"
@@ -174,11 +170,41 @@ def _cost(c: Cost) -> str:
     return ", ".join(parts) or "0"
 
 
+def _value(r: MetricResult) -> str:
+    if r.name == "esd":
+        return "see esd.png"
+    text = _fmt(r.value)
+    if r.details.get("converged") is not False:
+        return text
+    if r.name.startswith("pac_bayes") and r.details.get("sigma", 0) > 0:
+        drops = [dr for _, dr in r.details.get("evaluations", [])]
+        if all(dr <= r.details["max_drop"] for dr in drops):  # no infeasible sigma found
+            return f"<= {text} (!)"
+    return f"{text} (!)"
+
+
+def _error_note(r: MetricResult) -> str:
+    spec = REGISTRY.get(r.name)
+    note = spec.error_note if spec is not None else "n/a"
+    residuals = r.details.get("residuals")
+    if residuals:
+        return f"n/a, residual {max(residuals):.1e}"
+    return note
+
+
 def _setting(r: MetricResult) -> str:
     d = r.details
     if r.name == "esd":
-        return f"{r.protocol.extra.get('runs', '')} runs (SLQ)".strip()
-    for key in ("rho", "sigma", "epsilon"):
+        rows = d.get("nodes", [])
+        flat = [x for row in rows for x in (row if isinstance(row, list) else [row])]
+        nodes = [x for x in flat if isinstance(x, float) and math.isfinite(x)]
+        runs = r.protocol.extra.get("runs", "")
+        span = f"; Ritz nodes in [{_fmt(min(nodes))}, {_fmt(max(nodes))}]" if nodes else ""
+        return f"{runs} runs (SLQ){span}"
+    if "sigma" in d and r.name.startswith("pac_bayes"):
+        text = f"sigma={_fmt(d['sigma'])} (bigger = flatter)"
+        return text if d.get("converged", True) else f"NOT converged; {text}"
+    for key in ("rho", "epsilon"):
         if key in d:
             return f"{key}={_fmt(d[key])}"
     if "converged" in d:
@@ -190,13 +216,10 @@ def _curvature(name: str, op: Any, opts: dict[str, Any], seed: int, progress: bo
     from sharpkit.curvature import eigenvalues, spectral_density, trace
 
     batches = op.num_batches
-    proto = op.protocol()
     if name in ("lambda_max", "top_k", "lambda_min"):
         which = "smallest" if name == "lambda_min" else "largest"
-        k = int(opts.get("k", 1))
-        res = eigenvalues(
-            op, k=k, which=which, tol=opts.get("tol", 1e-4), seed=seed, progress=progress
-        )
+        k = opts.get("k", 1)
+        res = eigenvalues(op, k=k, which=which, tol=opts["tol"], seed=seed, progress=progress)
         return MetricResult(
             name=name,
             value=float(res.eigenvalues[0]),
@@ -211,7 +234,7 @@ def _curvature(name: str, op: Any, opts: dict[str, Any], seed: int, progress: bo
         )
     if name == "trace":
         res = trace(
-            op, method=opts.get("method", "hutch++"), num_samples=int(opts.get("num_samples", 60)),
+            op, method=opts["method"], num_samples=opts["num_samples"],
             seed=seed, progress=progress,
         )  # fmt: skip
         return MetricResult(
@@ -221,15 +244,15 @@ def _curvature(name: str, op: Any, opts: dict[str, Any], seed: int, progress: bo
             details={
                 "ci": list(res.ci),
                 "confidence": res.confidence,
-                "method": opts.get("method", "hutch++"),
+                "method": opts["method"],
             },
             cost=Cost(hvp=res.num_matvecs * batches),
             protocol=res.protocol,
         )
     if name == "esd":
         res = spectral_density(
-            op, runs=int(opts.get("runs", 3)), steps=int(opts.get("steps", 60)),
-            num_points=int(opts.get("num_points", 400)), seed=seed, progress=progress,
+            op, runs=opts["runs"], steps=opts["steps"],
+            num_points=opts["num_points"], seed=seed, progress=progress,
         )  # fmt: skip
         nodes = torch.nan_to_num(res.nodes, nan=-math.inf)
         return MetricResult(
@@ -247,7 +270,6 @@ def _curvature(name: str, op: Any, opts: dict[str, Any], seed: int, progress: bo
             cost=Cost(hvp=res.num_matvecs * batches),
             protocol=res.protocol,
         )
-    del proto
     raise AssertionError(name)
 
 
@@ -303,26 +325,49 @@ def measure_sharpness(
 
     if hvp != "auto" and hvp not in HVP_IMPLEMENTATIONS:
         raise ValueError(f"hvp: expected 'auto' or one of {HVP_IMPLEMENTATIONS}, got {hvp!r}")
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"metrics: unknown {unknown}; known: {sorted(METRICS)}")
+    if isinstance(metrics, str) or not all(isinstance(m, str) for m in metrics):
+        raise ValueError(f"metrics: expected a sequence of metric names, got {metrics!r}")
+    metrics = list(metrics)
     if not metrics:
         raise ValueError("metrics: choose at least one")
-    options = options or {}
-    bad = [k for k in options if k not in METRICS]
-    if bad:
-        raise ValueError(f"options: unknown metrics {bad}")
+    if len(set(metrics)) != len(metrics):
+        raise ValueError(f"metrics: each metric once, got {metrics}")
+    resolved = resolve_options(metrics, options)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress: expected True or False, got {progress!r}")
+    if accuracy_fn is not None and not callable(accuracy_fn):
+        raise ValueError(f"accuracy_fn: expected accuracy_fn(model, batch), got {accuracy_fn!r}")
+    check_requirements(metrics, resolved, loss_fn, hvp=hvp)
     obj = Objective(model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device)
-    base: dict[str, float] = {"loss": obj.mean_loss()}
+    needs_accuracy = [m for m in metrics if resolved[m].get("target") == "accuracy"]
+    if needs_accuracy and accuracy_fn is None and not _pair(obj.batches[0]):
+        raise ValueError(
+            f"accuracy_fn: {', '.join(needs_accuracy)} (target='accuracy') needs an accuracy; "
+            f"the default expects (inputs, targets) batches, got {type(obj.batches[0]).__name__}"
+            "; pass accuracy_fn(model, batch) or set target='loss'"
+        )
+    try:
+        base: dict[str, float] = {"loss": obj.mean_loss()}
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as err:
+        raise ValueError(
+            "loss_fn/data: the loss failed at the unperturbed weights, before any metric "
+            f"({type(err).__name__}: {_first_line(err)})"
+        ) from None
     acc_fn = accuracy_fn or supervised_accuracy
     try:
         base["accuracy"] = (
             sum(obj.metric(acc_fn, b, None) * n for b, n in zip(obj.batches, obj.sizes))
             / obj.num_examples
         )
-    except (ValueError, RuntimeError, IndexError):
-        if accuracy_fn is not None:
-            raise
+    except Exception as err:
+        if accuracy_fn is not None or needs_accuracy:
+            what = "accuracy_fn" if accuracy_fn is not None else "the default accuracy"
+            raise ValueError(
+                f"accuracy_fn: {what} failed on the unperturbed model "
+                f"({type(err).__name__}: {_first_line(err)})"
+            ) from None
     m_objectives: dict[int | None, Objective] = {None: obj}
 
     def objective_for(m: int | None) -> Objective:
@@ -339,47 +384,128 @@ def measure_sharpness(
     op = None
     results: dict[str, MetricResult] = {}
     timings: dict[str, float] = {}
+    failures: dict[str, str] = {}
     for name in metrics:
-        opts = {**DEFAULT_OPTIONS[name], **options.get(name, {})}
+        opts = resolved[name]
         t0 = time.perf_counter()
-        if name in ("lambda_max", "top_k", "lambda_min", "trace", "esd"):
-            if op is None:
-                op = obj.hessian(hvp=hvp)  # the objective's copies, batches and random state
-            res = _curvature(name, op, opts, seed, progress)
-        elif name.startswith("worst_case"):
-            res = _worst_case(
-                objective_for(opts.get("m")), opts["rho"], p="inf" if name.endswith("_inf") else 2,
-                adaptive="adaptive" in name, steps=opts.get("steps", 20),
-                restarts=opts.get("restarts", 1), seed=seed, progress=progress, name=name,
-            )  # fmt: skip
-        elif name.startswith("average_case"):
-            res = _average_case(
-                obj, opts["rho"], noise=opts.get("noise", "gaussian"), adaptive="adaptive" in name,
-                samples=opts.get("samples", 32), seed=seed, progress=progress, name=name,
-            )  # fmt: skip
-        elif name.startswith("pac_bayes"):
-            res = _pac_bayes(
-                obj, target=opts.get("target", "accuracy"), max_drop=opts.get("max_drop", 0.1),
-                magnitude_aware=name == "pac_bayes_mag", samples=opts.get("samples", 4),
-                sigma_init=opts.get("sigma_init", 0.01), rtol=opts.get("rtol", 0.05),
-                max_iter=opts.get("max_iter", 40), accuracy_fn=accuracy_fn, seed=seed,
-            )  # fmt: skip
-        elif name == "fisher_rao":
-            res = _fisher_rao(obj, fisher=opts.get("fisher", "empirical"), seed=seed)
-        else:  # epsilon_sharpness
-            res = _epsilon(
-                obj, opts["epsilon"], steps=opts.get("steps", 20), restarts=opts.get("restarts", 1),
-                seed=seed,
-            )  # fmt: skip
+        try:
+            if REGISTRY[name].needs & {"hvp"}:
+                if op is None:
+                    op = obj.hessian(hvp=hvp)  # the objective's copies, batches and random state
+                res = _curvature(name, op, opts, seed, progress)
+            elif name.startswith("worst_case"):
+                res = _worst_case(
+                    objective_for(opts["m"]), opts["rho"], p="inf" if name.endswith("_inf") else 2,
+                    adaptive="adaptive" in name, steps=opts["steps"], restarts=opts["restarts"],
+                    seed=seed, progress=progress, name=name,
+                )  # fmt: skip
+            elif name.startswith("average_case"):
+                res = _average_case(
+                    obj, opts["rho"], noise=opts["noise"], adaptive="adaptive" in name,
+                    samples=opts["samples"], seed=seed, progress=progress, name=name,
+                )  # fmt: skip
+            elif name.startswith("pac_bayes"):
+                res = _pac_bayes(
+                    obj, target=opts["target"], max_drop=opts["max_drop"],
+                    magnitude_aware=name == "pac_bayes_mag", samples=opts["samples"],
+                    sigma_init=opts["sigma_init"], rtol=opts["rtol"], max_iter=opts["max_iter"],
+                    accuracy_fn=accuracy_fn, seed=seed,
+                )  # fmt: skip
+            elif name == "fisher_rao":
+                res = _fisher_rao(obj, fisher=opts["fisher"], seed=seed)
+            else:  # epsilon_sharpness
+                res = _epsilon(
+                    obj, opts["epsilon"], steps=opts["steps"], restarts=opts["restarts"], seed=seed
+                )
+        except Exception as err:  # one metric's failure must not lose the others
+            obj.set_offset(None)
+            failures[name] = f"{type(err).__name__}: {_first_line(err)}"
+            warnings.warn(f"measure_sharpness: {name} failed: {failures[name]}", stacklevel=2)
+            timings[name] = time.perf_counter() - t0
+            continue
         timings[name] = time.perf_counter() - t0
         results[name] = res
-    protocol = obj.protocol(
-        "measure_sharpness", seed, metrics=list(metrics),
-        options={k: {**DEFAULT_OPTIONS[k], **options.get(k, {})} for k in metrics},
-    )  # fmt: skip
+        if res.details.get("converged") is False:
+            warnings.warn(
+                f"measure_sharpness: {name} did not converge ({_why_not(res)}); its value "
+                "is not a converged estimate",
+                stacklevel=2,
+            )
+    protocol = obj.protocol("measure_sharpness", seed, metrics=list(metrics), options=resolved)
     model_info = {
         "parameters": obj.dim,
         "tensors": len(obj.names),
         "dtype": str(obj.dtype),
     }
-    return SharpnessReport(results, base, model_info, protocol, timings)
+    return SharpnessReport(results, base, model_info, protocol, timings, failures)
+
+
+def _pair(batch: Any) -> bool:
+    return isinstance(batch, (tuple, list)) and len(batch) == 2
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _why_not(res: MetricResult) -> str:
+    it = res.protocol.extra.get("iterations")
+    if res.name.startswith("pac_bayes"):
+        return f"the bisection hit max_iter after {it} candidates; sigma is only bracketed"
+    return "the iteration limit was reached before the tolerance"
+
+
+def check_requirements(
+    metrics: Sequence[str], options: dict[str, dict[str, Any]], loss_fn: Any, *, hvp: str = "auto"
+) -> None:
+    """Refuse, before any compute, a metric that cannot run with this loss.
+
+    Args:
+        metrics: requested metric names.
+        options: their resolved options (:func:`~sharpkit.sharpness._registry.resolve_options`).
+        loss_fn: the loss argument of :func:`measure_sharpness`.
+        hvp: the Hessian-vector-product implementation.
+
+    Raises:
+        ValueError: naming the metric and why it cannot run (e.g. the Fisher-Rao norm
+            needs per-example losses, which a ``loss_fn(model, batch)`` returning a
+            mean does not give).
+
+    Example:
+        >>> check_requirements(["fisher_rao"], {"fisher_rao": {"fisher": "empirical"}},
+        ...                    lambda model, batch: model(batch).mean())
+        Traceback (most recent call last):
+        ...
+        ValueError: loss_fn: fisher_rao needs per-example losses, which a loss_fn(model, batch) returning a mean cannot give; pass an nn loss module (e.g. nn.CrossEntropyLoss()) or leave fisher_rao out
+    """
+    from sharpkit._batch import as_batch_loss
+    from sharpkit.curvature.hessian import linearize_blocker
+
+    as_batch_loss(loss_fn, reduction="mean")  # a TypeError/ValueError naming loss_fn
+    criterion = loss_fn if isinstance(loss_fn, nn.modules.loss._Loss) else None
+    criterion = criterion or getattr(loss_fn, "criterion", None)
+    for name in metrics:
+        if name.startswith("pac_bayes"):
+            try:
+                check_max_drop(options[name]["target"], options[name]["max_drop"])
+            except ValueError as err:
+                raise ValueError(f"options: {name}.{err}") from None
+        needs = REGISTRY[name].needs
+        if "hvp" in needs and hvp == "linearize" and (why := linearize_blocker(loss_fn)):
+            raise ValueError(f"hvp: {name} with 'linearize': {why}")
+        if "per_example" in needs:
+            if criterion is None:
+                raise ValueError(
+                    f"loss_fn: {name} needs per-example losses, which a loss_fn(model, batch) "
+                    "returning a mean cannot give; pass an nn loss module (e.g. "
+                    f"nn.CrossEntropyLoss()) or leave {name} out"
+                )
+            if options[name].get("fisher") == "model" and not isinstance(
+                criterion, nn.CrossEntropyLoss
+            ):
+                raise ValueError(
+                    f"options: {name}.fisher='model' samples labels from a softmax and needs "
+                    f"nn.CrossEntropyLoss, got {type(criterion).__name__}"
+                )

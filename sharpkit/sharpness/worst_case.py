@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from sharpkit._progress import progress_bar
 from sharpkit.sharpness._objective import (
     MetricResult,
     Objective,
@@ -210,7 +210,7 @@ def _worst_case(
     c = obj.scale(adaptive)
     increases, bases, norms, abs_norms = [], [], [], []
     with obj.metered() as cost:
-        for b in tqdm(obj.batches, desc=name, disable=not progress, leave=False):
+        for b in progress_bar(obj.batches, name, progress):
             best, base, u = _pgd(obj, [b], [1.0], c, rho, p, steps, restarts, gen)
             increases.append(best - base)
             bases.append(base)

@@ -13,7 +13,16 @@ from sharpkit.testing import dense_hessian
 from tests.sharpness._models import class_data, relu_net
 
 #: the JSON layout that SCHEMA_VERSION 1 promises: change it only with a version bump
-TOP_KEYS = {"schema_version", "base", "model", "protocol", "timings", "metrics"}
+TOP_KEYS = {
+    "failures",
+    "not_converged",
+    "schema_version",
+    "base",
+    "model",
+    "protocol",
+    "timings",
+    "metrics",
+}
 METRIC_KEYS = {"name", "value", "stderr", "details", "cost", "protocol"}
 COST_KEYS = {"forward", "gradient", "hvp", "jvp"}
 PROTOCOL_KEYS = {
