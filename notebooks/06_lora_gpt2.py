@@ -232,28 +232,33 @@ print(table.round(4).to_string())
 # %% [markdown]
 # ## 4. Balancedness per adapter
 #
-# One line per adapter, $|B|$ on a log scale. Plain LoRA (AdamW) keeps $|B|$
-# roughly where it started; SAM's implicit regulariser and BAR's explicit one
-# move it. nBAR follows the sign of the gradient gap $\|g_x\| - \|g_y\|$ (as SAM's
-# NOP drift does), oBAR the sign of $\|B_{\rm LoRA}\| - \|A_{\rm LoRA}\|$, so they
-# need not agree with each other.
+# One line per adapter, $|B|$ on a log scale. Balancedness is conserved by
+# gradient flow (and nearly by small-step SGD), not by AdamW: its per-coordinate
+# scaling moves $B$ by itself, so plain LoRA's curves move too. What to compare is
+# the runs against each other from the same start on the same batches: SAM's
+# implicit regulariser and BAR's explicit one pull the adapters towards balance
+# on top of AdamW (the "mean |B| end" column above). nBAR follows the sign of the
+# gradient gap $\|g_x\| - \|g_y\|$ (as SAM's NOP drift does), oBAR the sign of
+# $\|B_{\rm LoRA}\| - \|A_{\rm LoRA}\|$; compare their columns below.
 
 # %%
 tracks = pd.concat(tracks, ignore_index=True)
+tracks["pair"] = tracks.pair.str.replace("base_model.model.transformer.", "").str.replace(
+    ".default", ""
+)
 fig, axes = plt.subplots(1, 4, figsize=(15, 3.4), sharey=True)
 for ax, kind in zip(axes, KINDS):
     plot_balance(tracks[tracks.optimizer == kind], ax=ax, hue="pair")
     ax.set_title(kind)
     if ax is not axes[-1]:
         ax.get_legend().remove()
-axes[-1].legend(fontsize=5, loc="center left", bbox_to_anchor=(1.0, 0.5))
+axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
 fig.tight_layout()
 
 # %%
 per_layer = tracks[tracks.step == tracks.step.max()].pivot(
     index="pair", columns="optimizer", values="balancedness"
 )
-per_layer.index = [name.replace("base_model.model.transformer.", "") for name in per_layer.index]
 print("final B per adapter:")
 print(per_layer[KINDS].round(4).to_string())
 
