@@ -7,11 +7,15 @@
   ``||g_x||^2 - ||g_y||^2``.
 - :class:`BalanceTracker`: records both per pair and step for any optimizer
   (tidy DataFrame, CSV, JSON).
+- :func:`zero_factors`, :func:`warn_zero_factors`: factors that are exactly zero
+  (fresh LoRA, ``lora_B = 0``), which make filter-normalised directions and
+  adaptive metrics degenerate.
 - :mod:`sharpkit.balance.toys`: the paper's NOP/OP toy problems.
 - :mod:`sharpkit.balance.rules`: the BAR scaling rule and ``a_t`` schedules.
 """
 
 from . import rules, toys
+from .degenerate import ZeroFactorWarning, warn_zero_factors, zero_factors
 from .lora import LoRALinear, add_lora
 from .pairs import FactorPair, balancedness, find_pairs, gradient_gap
 from .tracker import BalanceTracker
@@ -20,10 +24,13 @@ __all__ = [
     "BalanceTracker",
     "FactorPair",
     "LoRALinear",
+    "ZeroFactorWarning",
     "add_lora",
     "balancedness",
     "find_pairs",
     "gradient_gap",
     "rules",
     "toys",
+    "warn_zero_factors",
+    "zero_factors",
 ]
