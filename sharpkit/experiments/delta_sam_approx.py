@@ -478,7 +478,7 @@ EXPERIMENT = Experiment(
         "delta-SAM's reweighted perturbation approximates the per-instance update G_PI better "
         "than SAM's shared one, as label noise grows."
     ),
-    source="Zhou, Liu, Zhang, Chen (Findings of EMNLP 2022); sharpkit's reconstruction of the weighting; PAPERS.md section 3.",
+    source="Zhou, Liu, Zhang, Chen (Findings of EMNLP 2022); sharpkit's reconstruction of the weighting and the oracle ceiling; docs/theory.md.",
     config_cls=DeltaSAMApproxConfig,
     scales={
         "test": DeltaSAMApproxConfig(noises=(0.0, 0.4), warm_epochs=2, batches=2, epochs=1),

@@ -673,7 +673,7 @@ EXPERIMENT = Experiment(
         "SAM's balancing of two-factor problems speeds up with the fraction p and strength k of "
         "outliers in the data (NOP and OP toys, and LoRA on the digits); SGD does not respond."
     ),
-    source="Li, Zhang, He (NeurIPS 2024), data-responsiveness of SAM's implicit regularisation; PAPERS.md section 4.",
+    source="Li, Zhang, He (NeurIPS 2024), data-responsiveness of SAM's implicit regularisation (arXiv:2410.14802); docs/theory.md.",
     config_cls=OutlierInjectionConfig,
     scales={
         "test": OutlierInjectionConfig(

@@ -60,25 +60,25 @@ def test_input_outliers_hit_the_requested_fraction_and_strength() -> None:
 def test_sam_responds_sgd_does_not_at_test_scale(tmp_path) -> None:
     report = run_experiment(EXPERIMENTS["outlier_injection"], scale="test", out_dir=tmp_path)
     s = report.runs[0].summary
-    # Toy arm. Measured (seed 0): SAM's rate 0.094 without outliers, 0.266 at p = 0.3,
-    # k = 10; SGD's at most 0.004. Asserted with wide margins:
+    # Toy arm. Measured (seed 0, test scale): SAM's rate 0.112 without outliers, 0.266 at
+    # p = 0.3, k = 10; SGD's at most 0.004. Asserted with wide margins:
     assert s["rate_sam@0.3,10"] > 1.5 * s["rate_sam@0,10"]
     assert max(abs(v) for k, v in s.items() if k.startswith("rate_sgd")) < 0.03
-    # OP toy. Measured (seed 0): SAM's rate 0.396 without outliers, 0.918 at p = 0.3,
-    # k = 10 (small scale, 3 seeds: 0.35 and 0.94); SGD's at most 0.008.
+    # OP toy. Measured (seed 0): SAM's rate 0.517 without outliers, 0.973 at p = 0.3,
+    # k = 10 (small scale, 3 seeds: 0.40 and 0.90); SGD's at most 0.009.
     assert s["op_rate_sam@0.3,10"] > 1.5 * s["op_rate_sam@0,10"]
     assert max(abs(v) for k, v in s.items() if k.startswith("op_rate_sgd")) < 0.05
-    # LoRA arm. Measured at test scale, seeds 0-5: SAM's rate at p = 0.3, k = 4 minus at
-    # p = 0 (the paired gain) 0.036, 0.048, 0.033, 0.050, -0.004, -0.044 (mean 0.020, sd
-    # 0.035): the effect is weak and seed-dependent, so this guards the fixed seed 0 only
-    # (deterministic), not the claim. The margin 0.01 leaves 0.026 (about 0.75 seed sd)
-    # below seed 0's gain for numeric drift across platforms. SGD's largest |rate| on seed 0
-    # is 0.003 = 0.07 of SAM's largest |rate| 0.047 (seeds 0-5: at most 0.36 of it, seed 5);
-    # asserted below 0.2 of it.
-    assert s["lora_rate_sam@0.3,4"] - s["lora_rate_sam@0,4"] > 0.01
+    # LoRA arm: the test scale (200 steps) guards the mechanics, not the claim (the
+    # small scale decides it). The paired numbers are the differences they claim to be:
     assert s["lora_gain_sam"] == pytest.approx(s["lora_rate_sam@0.3,4"] - s["lora_rate_sam@0,4"])
+    assert s["lora_gain_sam_minus_sgd"] == pytest.approx(s["lora_gain_sam"] - s["lora_gain_sgd"])
+    assert s["lora_drift_gain"] == pytest.approx(s["lora_drift@0.3"] - s["lora_drift@0"])
+    # SAM's one-step drift beyond SGD is a force of the rates' size (measured 0.075 and
+    # 0.087 per unit time against SAM's end-of-run rates 0.018-0.035), SGD's own rate small
+    # (measured 0.004 = 0.12 of SAM's largest |rate|, asserted below 0.3 of it)
+    assert 0.005 < abs(s["lora_drift@0"]) < 1.0
     sam_max = max(abs(v) for k, v in s.items() if k.startswith("lora_rate_sam"))
-    assert max(abs(v) for k, v in s.items() if k.startswith("lora_rate_sgd")) < 0.2 * sam_max
+    assert max(abs(v) for k, v in s.items() if k.startswith("lora_rate_sgd")) < 0.3 * sam_max
     assert any(p.endswith(".png") for p in report.figures)
 
 

@@ -37,6 +37,8 @@ def plot(report, out_dir: str | Path) -> list[Path]:
     grid = np.logspace(np.log10(a.min()), np.log10(a.max()), 50)
     ax2.loglog(grid, abs(report.runs[0].series["force_closed_coef"]) * grid**2, "k--", lw=0.8,
                label="closed form, slope 2")  # fmt: skip
+    ax2.set_xticks(a, [f"{v:g}" for v in a])
+    ax2.xaxis.set_minor_formatter(plt.NullFormatter())
     ax2.set(xlabel="noise level a", ylabel="|E[|g_y|^2 - |g_x|^2](a) - (a = 0)|",
             title="balancing force grows like a^2")  # fmt: skip
     ax2.legend(fontsize=8)

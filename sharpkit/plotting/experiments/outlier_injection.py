@@ -31,12 +31,22 @@ def _paired_row(report, ps: list[float], row) -> None:
         ps, [s.mean for s in stats],
         yerr=[[s.mean - s.ci_low for s in stats], [s.ci_high - s.mean for s in stats]]
         if all(s.has_ci for s in stats) else None,
-        fmt="o-", color="C3", capsize=3, label="mean, 95% CI over seeds",
+        fmt="o-", color="C3", capsize=3, label="common states (clean SAM run); 95% CI",
     )  # fmt: skip
     for r in report.runs:
         ax.plot(
             ps, [r.summary[f"lora_drift@{p:g}"] for p in ps], "-", color="C3", alpha=0.25, lw=0.8
         )
+    own = [p for p in ps if f"lora_drift_own@{p:g}" in report.stats]
+    if own:
+        st = [report.stats[f"lora_drift_own@{p:g}"] for p in own]
+        ax.errorbar(
+            own, [s.mean for s in st],
+            yerr=[[s.mean - s.ci_low for s in st], [s.ci_high - s.mean for s in st]]
+            if all(s.has_ci for s in st) else None,
+            fmt="s--", color="C0", capsize=3,
+            label=f"diagnostic: states along SAM's run at p = {max(ps):g}",
+        )  # fmt: skip
     ax.axhline(0, color="k", lw=0.6)
     k = max(report.runs[0].series["lora_strengths"])
     ax.set(xlabel="outlier fraction p", ylabel="one-step drift, SAM minus SGD (per unit time)",
