@@ -18,6 +18,7 @@ from sharpkit.optim.delta_sam import per_example_gradients
 from sharpkit.testing.dense import dense_hessian
 
 
+@pytest.mark.slow
 def test_cosines_at_test_scale(tmp_path) -> None:
     report = run_experiment(EXPERIMENTS["delta_sam_approx"], scale="test", out_dir=tmp_path)
     s = report.runs[0].summary

@@ -57,6 +57,7 @@ def test_input_outliers_hit_the_requested_fraction_and_strength() -> None:
     assert bool((small <= large).all())
 
 
+@pytest.mark.slow
 def test_sam_responds_sgd_does_not_at_test_scale(tmp_path) -> None:
     report = run_experiment(EXPERIMENTS["outlier_injection"], scale="test", out_dir=tmp_path)
     s = report.runs[0].summary
