@@ -43,7 +43,7 @@ def plot(report, out_dir: str | Path) -> list[Path]:
     lows = [ax.get_ylim()[0] for ax in axes[: len(arms)]]
     for ax in axes[: len(arms)]:
         ax.set_ylim(min(lows), 1.0)
-    axes[0].legend(fontsize=8, loc="lower left")
+    axes[len(arms) - 1].legend(fontsize=8, loc="lower left")
     if has_acc:
         ax = axes[-1]
         for key, label, color in (("acc_sgd", "SGD", "C2"), ("acc_sam", "SAM", "C0"),
@@ -52,8 +52,9 @@ def plot(report, out_dir: str | Path) -> list[Path]:
         ax.set(xlabel="label noise p", ylabel="test accuracy (clean labels)",
                title="digits: training (not judged)")  # fmt: skip
         ax.legend(fontsize=8)
-    fig.suptitle(
-        f"delta-SAM vs SAM against the per-instance update: {report.verdict.label}", y=1.02
-    )
+    label = report.verdict.label
+    if report.verdict.statement.startswith("Setting-dependent"):
+        label += " (setting-dependent)"
+    fig.suptitle(f"delta-SAM vs SAM against the per-instance update: {label}", y=1.02)
     fig.tight_layout()
     return save_figure(fig, out_dir, "delta_sam_approx")
