@@ -438,6 +438,35 @@ def one_step_drift(
     the extra decrease of :math:`\log\sum_l|B_l|` per unit time that SAM's
     perturbation causes (the units of the end-of-run rate). The parameters are
     left at ``state``.
+
+    Args:
+        model: the adapted model (its frozen base is shared by both steps).
+        pairs: its LoRA factor pairs (:func:`~sharpkit.balance.find_pairs`).
+        params: the trainable parameters that ``state`` holds values for.
+        opts: ``{"sam": ..., "sgd": ...}``, both over ``params`` with step size ``lr``.
+        lr: the step size :math:`\eta`.
+        state: the values of ``params`` to step from.
+        batch: ``(inputs, labels)`` for the cross-entropy loss.
+
+    Returns:
+        :math:`\beta` (positive: SAM shrinks :math:`\sum_l|B_l|` more than SGD).
+
+    Example:
+        >>> from sharpkit.balance import add_lora, find_pairs
+        >>> torch.manual_seed(0) and None
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> _ = add_lora(model, ["0"], rank=2, alpha=4.0)
+        >>> pairs = find_pairs(model)
+        >>> with torch.no_grad():
+        ...     _ = pairs[0].x.normal_()
+        >>> params = [q for q in model.parameters() if q.requires_grad]
+        >>> opts = {"sam": SAM(params, torch.optim.SGD, rho=0.05, lr=0.01),
+        ...         "sgd": torch.optim.SGD(params, lr=0.01)}
+        >>> state = [q.detach().clone() for q in params]
+        >>> batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+        >>> beta = one_step_drift(model, pairs, params, opts, 0.01, state, batch)
+        >>> isinstance(beta, float), all(torch.equal(q, s) for q, s in zip(params, state))
+        (True, True)
     """
     with torch.no_grad():
         for q, s in zip(params, state):
