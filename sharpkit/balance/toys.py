@@ -3,7 +3,7 @@
 - :class:`NOPToy`: ``0.5 ||x y^T - (A + a N)||_F^2`` with ``A = diag(0.5, 0, 0)``,
   ``N = diag(1, 0.8, 0.5) U`` and ``U`` i.i.d. standard normal, drawn afresh for
   every sample. The noise ``a`` is what makes SAM balance: with ``a = 0`` SAM on
-  NOP need not balance at all (PAPERS.md 4).
+  NOP need not balance at all (Li, Zhang, He, NeurIPS 2024; docs/theory.md).
 - :class:`OPToy`: ``(x^T y - (0.5 + a n))^2`` with ``n ~ N(0, 1)``.
 - :func:`paper_init`: ``x0 = [0.2, -0.1, 0.3]``, ``y0 = -3 x0`` (``B_0 = -0.56``).
 - :func:`simulate`: SGD, SAM, nBAR or oBAR on a toy with closed-form gradients,

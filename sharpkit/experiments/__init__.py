@@ -31,8 +31,11 @@ from .delta_sam_approx import EXPERIMENT as DELTA_SAM_APPROX
 from .lora_digits import EXPERIMENT as LORA_DIGITS
 from .many_layers import EXPERIMENT as MANY_LAYERS
 from .msam_flatness import EXPERIMENT as MSAM_FLATNESS
+from .noise_balancing import EXPERIMENT as NOISE_BALANCING
+from .op_sharpness import EXPERIMENT as OP_SHARPNESS
 from .outlier_injection import EXPERIMENT as OUTLIER_INJECTION
 from .theorem2 import EXPERIMENT as THEOREM2
+from .theorem3 import EXPERIMENT as THEOREM3
 from .two_cycle import EXPERIMENT as TWO_CYCLE
 from .wen_sharpness import EXPERIMENT as WEN_SHARPNESS
 
@@ -47,6 +50,9 @@ _ALL: tuple[Experiment, ...] = (
     TWO_CYCLE,
     MANY_LAYERS,
     LORA_DIGITS,
+    THEOREM3,
+    OP_SHARPNESS,
+    NOISE_BALANCING,
 )
 
 #: The claims report lists experiments in the issue's numbering (1..9).
@@ -60,6 +66,9 @@ _ORDER = (
     "delta_sam_approx",
     "two_cycle",
     "wen_sharpness",
+    "theorem3",
+    "op_sharpness",
+    "noise_balancing",
 )
 
 #: name -> experiment, in the order of the claims report

@@ -62,43 +62,44 @@ seed, so the outlier sets are nested in ``p`` and the noise only rescales with
 * *Small step size*: ``lora_lr`` is chosen so that :math:`\eta\|g\|/(2\rho)`
   (reported as ``lora_sgd_drift_ratio``) is well below 1.
 
+**Per-state measurement (LoRA arm).** End-of-run :math:`|B|` moves by a few
+percent and mixes the balancing force with the path each run takes, so the arm
+also measures the force itself: from ``lora_drift_states`` common states (the
+adapters every ``lora_steps / lora_drift_states`` steps along SAM's run without
+outliers, from step 0) and the first ``lora_drift_batches`` minibatches (the same
+indices for every ``p``, the outliers' inputs changed), one SAM step and one SGD
+step from the same state on the same batch (:func:`one_step_drift`): the extra
+decrease of :math:`\log\sum|B|` per unit time that SAM's perturbation causes,
+``lora_drift@p`` (at the largest ``k``), paired across ``p`` by state and batch.
+A diagnostic, reported and not judged: ``lora_drift_own@p``, the same drift from
+states along SAM's own run with outliers (largest ``p`` and ``k``), on the batches
+with (``p``) and without (``0``) the outliers: the force where the outlier run
+actually is, against the force at the clean run's states.
+
 **Measured.** The balancing rate :math:`\log(|B_0|/|B_T|)/(\eta T)` per unit of
 time (independent of the step size): ``rate_<method>@p,k`` on the NOP toy and
-``op_rate_<method>@p,k`` on the OP toy (means over runs), ``lora_rate_<method>@p,k`` on the LoRA arm (with
-:math:`|B| = \sum_\text{layers}|B_l|`); ``p = 0`` is run once and reported for
-every ``k``. Also ``lora_gain_<method>``, the paired per-seed difference of the
-LoRA rate at the largest ``p, k`` and at ``p = 0``, and
+``op_rate_<method>@p,k`` on the OP toy (means over runs), ``lora_rate_<method>@p,k``
+on the LoRA arm (with :math:`|B| = \sum_\text{layers}|B_l|`); ``p = 0`` is run once
+and reported for every ``k``. LoRA, paired per seed: ``lora_gain_<method>`` (rate at
+the largest ``p, k`` minus at ``p = 0``), ``lora_gain_sam_minus_sgd``, the per-state
+``lora_drift@p`` and ``lora_drift_gain`` (largest ``p`` minus ``p = 0``), and
 ``lora_sgd_drift_ratio`` :math:`= \eta \max\overline{\|g\|}/(2\rho)` (mean
 gradient norm along the SGD runs, largest over the grid).
 
-**Verdict.** *Each toy arm* (NOP, OP): supported when (i) SAM's rate at the largest ``p`` and
-``k`` exceeds its rate without outliers (``p = 0``) by more than the CI of both
-over seeds, (ii) SAM's mean rate does not decrease along ``p`` (for every
-``k > 1``) nor along ``k`` (for every ``p > 0``), and (iii) SGD does not respond:
-its largest absolute rate is below ``SGD_FRACTION`` (0.1) of SAM's largest (a
-drift, not a balancing force; SGD's drift at finite step size is ``O(eta)``).
-*LoRA arm*: supported when SAM's rate at the largest ``p, k`` lies above its
-``p = 0`` rate beyond both CIs over seeds and SGD's largest absolute mean rate is
-below ``SGD_FRACTION`` of SAM's largest absolute mean rate (absolute, since on
-real data SAM's rate can be negative); contradicted when SAM's mean rate at the
-largest ``p, k`` is not above its ``p = 0`` mean, or SGD's rate is not small;
-inconclusive otherwise (right direction, overlapping CIs). Monotonicity along
-the grid is reported by the heat map, not required. The experiment is supported
-when every arm is, not supported when any is not, inconclusive otherwise; a
-report without the OP or LoRA arm's numbers is judged on the arms it has.
-
-**Observed (small scale, CPU).** Both toy arms respond clearly (OP: SAM's rate
-0.35 without outliers, 0.94 at p = 0.3, k = 10). On the LoRA arm
-|B| *grows* under SAM without outliers (rate about -0.03: with clean data SAM on
-NOP need not balance) and the rate rises with ``p`` and ``k`` on most seeds, but
-the effect is weak against the seed-to-seed spread of the pretrained base: the
-paired gain (rate at p = 0.3, k = 4 minus at p = 0) was 0.031, 0.047, 0.032,
-0.052, -0.006, -0.046, 0.026, -0.011, 0.021, 0.033 on seeds 0-9 (mean 0.018,
-95% CI [-0.004, 0.039]), and with the default three seeds the unpaired CIs
-overlap, so that arm comes out inconclusive. SGD's rates stay below 0.01 (``lora_sgd_drift_ratio`` about 0.07).
-Adapting all three layers and summing |B| gave no response at all, and the
-hidden 64x64 layer responded non-monotonically with large seed spread (probes
-before this design).
+**Verdict**, fixed before the runs. *Each toy arm* (NOP, OP): supported when (i)
+SAM's rate at the largest ``p`` and ``k`` exceeds its rate without outliers
+(``p = 0``) by more than the CI of both over seeds, (ii) SAM's mean rate does not
+decrease along ``p`` (for every ``k > 1``) nor along ``k`` (for every ``p > 0``),
+and (iii) SGD does not respond: its largest absolute rate is below
+``SGD_FRACTION`` (0.1) of SAM's largest (a drift, not a balancing force; SGD's
+drift at finite step size is ``O(eta)``). *LoRA arm*, on paired differences
+only: supported when the CIs over seeds of both ``lora_gain_sam_minus_sgd``
+(end of run) and ``lora_drift_gain`` (per state) lie above 0 and SGD's largest
+absolute mean rate is below ``SGD_FRACTION`` of SAM's; contradicted when either
+CI lies below 0 or SGD's rate is not small; inconclusive otherwise. The
+experiment is supported when every arm is, not supported when any is not,
+inconclusive otherwise; a report without the OP or LoRA arm's numbers is judged
+on the arms it has.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ __all__ = [
     "decide",
     "draw_outliers",
     "inject_outliers",
+    "one_step_drift",
     "run",
 ]
 
@@ -239,26 +241,32 @@ class OutlierInjectionConfig(ExperimentConfig):
         lora_rho: LoRA arm: SAM radius.
         lora_steps: LoRA arm: steps per run.
         lora_batch_size: LoRA arm: size of the fixed minibatches.
+        lora_drift_states: LoRA arm: common states of the per-state measurement
+            (evenly spaced along SAM's run without outliers, from step 0).
+        lora_drift_batches: LoRA arm: minibatches per state of the per-state
+            measurement (the first ones of the fixed partition).
     """
 
     noise: float = 0.25
     fractions: tuple[float, ...] = (0.0, 0.1, 0.3)
     strengths: tuple[float, ...] = (1.0, 3.0, 10.0)
     lr: float = 1e-3
-    steps: int = 5000
+    steps: int = 1500
     runs: int = 16
-    lora_fractions: tuple[float, ...] = (0.0, 0.1, 0.3)
-    lora_strengths: tuple[float, ...] = (1.0, 2.0, 4.0)
+    lora_fractions: tuple[float, ...] = (0.0, 0.3)
+    lora_strengths: tuple[float, ...] = (2.0, 4.0)
     lora_hidden: int = 64
     lora_pretrain_epochs: int = 300
     lora_targets: tuple[str, ...] = ("0",)
     lora_rank: int = 4
     lora_alpha: float = 8.0
     lora_init_scale: float = 2.0
-    lora_lr: float = 1e-3
+    lora_lr: float = 2e-3
     lora_rho: float = 0.05
-    lora_steps: int = 1200
+    lora_steps: int = 1500
     lora_batch_size: int = 64
+    lora_drift_states: int = 8
+    lora_drift_batches: int = 4
 
     def validate(self) -> None:
         super().validate()
@@ -310,6 +318,14 @@ class OutlierInjectionConfig(ExperimentConfig):
             self.lora_batch_size >= 1,
             f"lora_batch_size: must be positive, got {self.lora_batch_size}",
         )
+        check(
+            1 <= self.lora_drift_states <= self.lora_steps,
+            f"lora_drift_states: need 1 <= lora_drift_states <= lora_steps, got {self.lora_drift_states}",
+        )
+        check(
+            self.lora_drift_batches >= 1,
+            f"lora_drift_batches: must be positive, got {self.lora_drift_batches}",
+        )
 
 
 def _key(method: str, p: float, k: float) -> str:
@@ -350,9 +366,9 @@ def _cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -
     return nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 
-def _lora_run(cfg, lcfg, method, base_state, data, x, device) -> tuple[float, float, list[float]]:
-    """Adapt with SAM or SGD on inputs ``x``; return the rate, the mean gradient norm
-    and the per-layer B at the start."""
+def _lora_setup(cfg, lcfg, base_state, data, device):
+    """The adapted model (the same base and adapters for every run of a seed), its pairs
+    and its trainable parameters."""
     model = _mlp(lcfg, data.num_features, data.num_classes)
     model.load_state_dict(base_state)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same adapters everywhere
@@ -362,24 +378,125 @@ def _lora_run(cfg, lcfg, method, base_state, data, x, device) -> tuple[float, fl
         for pair in pairs:
             pair.y.mul_(cfg.lora_init_scale)  # y is the A factor: a clear imbalance, B < 0
     model.to(device)
-    params = [q for q in model.parameters() if q.requires_grad]
+    return model, pairs, [q for q in model.parameters() if q.requires_grad]
+
+
+def _lora_opt(cfg, method: str, params) -> torch.optim.Optimizer:
     if method == "sam":
-        opt = SAM(params, torch.optim.SGD, rho=cfg.lora_rho, lr=cfg.lora_lr)
-    else:
-        opt = torch.optim.SGD(params, lr=cfg.lora_lr)
-    n = x.shape[0]
+        return SAM(params, torch.optim.SGD, rho=cfg.lora_rho, lr=cfg.lora_lr)
+    return torch.optim.SGD(params, lr=cfg.lora_lr)
+
+
+def _lora_batches(cfg, n: int, device) -> list[torch.Tensor]:
+    """One fixed partition of the training set (the same for every run of a seed)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 2)).to(device)
-    batches = [perm[i : i + cfg.lora_batch_size] for i in range(0, n, cfg.lora_batch_size)]
+    return [perm[i : i + cfg.lora_batch_size] for i in range(0, n, cfg.lora_batch_size)]
+
+
+def _abs_b(pairs) -> float:
+    return sum(abs(balancedness(pair)) for pair in pairs)
+
+
+def _lora_run(cfg, lcfg, method, base_state, data, x, device, snapshot_every: int = 0):
+    """Adapt with SAM or SGD on inputs ``x``. Returns the rate, the mean gradient norm
+    (SGD), the per-layer B at the start and, every ``snapshot_every`` steps from step
+    0, copies of the adapters (the common states of the per-state measurement)."""
+    model, pairs, params = _lora_setup(cfg, lcfg, base_state, data, device)
+    opt = _lora_opt(cfg, method, params)
+    batches = _lora_batches(cfg, x.shape[0], device)
     b0 = [balancedness(pair) for pair in pairs]
-    norms = []
+    norms, snapshots = [], []
     for t in range(cfg.lora_steps):
+        if snapshot_every and t % snapshot_every == 0:
+            snapshots.append([q.detach().clone() for q in params])
         idx = batches[t % len(batches)]
         train_step(opt, model, _cross_entropy, (x[idx], data.y_train[idx]))
         if method == "sgd" and t % 10 == 0:  # SGD leaves the step's gradient in .grad
             norms.append(float(torch.sqrt(sum(q.grad.pow(2).sum() for q in params))))
-    b_end = [balancedness(pair) for pair in pairs]
-    rate = math.log(sum(map(abs, b0)) / sum(map(abs, b_end))) / (cfg.lora_lr * cfg.lora_steps)
-    return rate, (sum(norms) / len(norms) if norms else math.nan), b0
+    rate = math.log(sum(map(abs, b0)) / _abs_b(pairs)) / (cfg.lora_lr * cfg.lora_steps)
+    return rate, (sum(norms) / len(norms) if norms else math.nan), b0, snapshots
+
+
+def one_step_drift(
+    model: nn.Module,
+    pairs,
+    params: list[torch.Tensor],
+    opts: dict[str, torch.optim.Optimizer],
+    lr: float,
+    state: list[torch.Tensor],
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> float:
+    r"""The one-step balancing drift of SAM beyond SGD from a common state and batch.
+
+    From the adapters ``state``, one step of ``opts["sam"]`` and, from the same state
+    on the same batch, one of ``opts["sgd"]``:
+
+    .. math::
+
+        \beta = \frac{\sum_l |B_l'^{SGD}| - \sum_l |B_l'^{SAM}|}{\eta \sum_l |B_l|},
+
+    the extra decrease of :math:`\log\sum_l|B_l|` per unit time that SAM's
+    perturbation causes (the units of the end-of-run rate). The parameters are
+    left at ``state``.
+
+    Args:
+        model: the adapted model (its frozen base is shared by both steps).
+        pairs: its LoRA factor pairs (:func:`~sharpkit.balance.find_pairs`).
+        params: the trainable parameters that ``state`` holds values for.
+        opts: ``{"sam": ..., "sgd": ...}``, both over ``params`` with step size ``lr``.
+        lr: the step size :math:`\eta`.
+        state: the values of ``params`` to step from.
+        batch: ``(inputs, labels)`` for the cross-entropy loss.
+
+    Returns:
+        :math:`\beta` (positive: SAM shrinks :math:`\sum_l|B_l|` more than SGD).
+
+    Example:
+        >>> from sharpkit.balance import add_lora, find_pairs
+        >>> torch.manual_seed(0) and None
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> _ = add_lora(model, ["0"], rank=2, alpha=4.0)
+        >>> pairs = find_pairs(model)
+        >>> with torch.no_grad():
+        ...     _ = pairs[0].x.normal_()
+        >>> params = [q for q in model.parameters() if q.requires_grad]
+        >>> opts = {"sam": SAM(params, torch.optim.SGD, rho=0.05, lr=0.01),
+        ...         "sgd": torch.optim.SGD(params, lr=0.01)}
+        >>> state = [q.detach().clone() for q in params]
+        >>> batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+        >>> beta = one_step_drift(model, pairs, params, opts, 0.01, state, batch)
+        >>> isinstance(beta, float), all(torch.equal(q, s) for q, s in zip(params, state))
+        (True, True)
+    """
+    with torch.no_grad():
+        for q, s in zip(params, state):
+            q.copy_(s)
+    before = _abs_b(pairs)
+    after = {}
+    for method in ("sam", "sgd"):
+        train_step(opts[method], model, _cross_entropy, batch)
+        after[method] = _abs_b(pairs)
+        with torch.no_grad():
+            for q, s in zip(params, state):
+                q.copy_(s)
+    return (after["sgd"] - after["sam"]) / (lr * before)
+
+
+def _per_state(cfg, lcfg, base_state, data, inputs: dict[float, torch.Tensor], states, device):
+    """Mean one-step drift (SAM minus SGD) per outlier fraction, over the common states
+    and the first ``lora_drift_batches`` minibatches (the same indices for every p)."""
+    model, pairs, params = _lora_setup(cfg, lcfg, base_state, data, device)
+    opts = {m: _lora_opt(cfg, m, params) for m in ("sam", "sgd")}
+    batches = _lora_batches(cfg, data.x_train.shape[0], device)[: cfg.lora_drift_batches]
+    out = {}
+    for p, x in inputs.items():
+        drifts = [
+            one_step_drift(model, pairs, params, opts, cfg.lora_lr, state, (x[idx], data.y_train[idx]))
+            for state in states
+            for idx in batches
+        ]  # fmt: skip
+        out[p] = sum(drifts) / len(drifts)
+    return out
 
 
 def _lora_arm(cfg: OutlierInjectionConfig, summary: dict[str, float], series: dict) -> None:
@@ -389,13 +506,21 @@ def _lora_arm(cfg: OutlierInjectionConfig, summary: dict[str, float], series: di
     data = load_digits(seed=cfg.seed, classes=lcfg.adapt_classes, device=device)
     gen = torch.Generator().manual_seed(cfg.seed)
     order, noise = draw_outliers(data.x_train.cpu(), gen)
-    grad_norm = 0.0
+    grad_norm, states, own_states = 0.0, [], []
+    every = max(1, cfg.lora_steps // cfg.lora_drift_states)
     for p in cfg.lora_fractions:
         # p = 0 has no outliers whatever k: run once, report it for every k
         for k in cfg.lora_strengths if p > 0 else cfg.lora_strengths[:1]:
             x, _ = inject_outliers(data.x_train, p, k, order, noise)
             for method in ("sam", "sgd"):
-                rate, g, b0 = _lora_run(cfg, lcfg, method, base_state, data, x, device)
+                # the common states: along SAM's clean run
+                top = p == max(cfg.lora_fractions) and k == max(cfg.lora_strengths)
+                snap = every if method == "sam" and (p == 0 or top) else 0
+                rate, g, b0, snaps = _lora_run(cfg, lcfg, method, base_state, data, x, device, snap)
+                if snap and p == 0:
+                    states = snaps
+                elif snap:
+                    own_states = snaps
                 for kk in cfg.lora_strengths if p == 0 else (k,):
                     summary["lora_" + _key(method, p, kk)] = rate
                 if method == "sgd":
@@ -407,7 +532,18 @@ def _lora_arm(cfg: OutlierInjectionConfig, summary: dict[str, float], series: di
             summary["lora_" + _key(method, top_p, top_k)]
             - summary["lora_" + _key(method, 0.0, top_k)]
         )
+    summary["lora_gain_sam_minus_sgd"] = summary["lora_gain_sam"] - summary["lora_gain_sgd"]
     summary["lora_sgd_drift_ratio"] = cfg.lora_lr * grad_norm / (2 * cfg.lora_rho)
+    inputs = {p: inject_outliers(data.x_train, p, top_k, order, noise)[0] for p in cfg.lora_fractions}  # fmt: skip
+    drift = _per_state(cfg, lcfg, base_state, data, inputs, states, device)
+    for p, v in drift.items():
+        summary[f"lora_drift@{p:g}"] = v
+    summary["lora_drift_gain"] = drift[top_p] - drift[0.0]
+    # diagnostic (not judged): the same one-step drift from states along SAM's own run
+    # with outliers (p, k largest), with and without the outliers in the batch
+    own = _per_state(cfg, lcfg, base_state, data, {0.0: inputs[0.0], top_p: inputs[top_p]}, own_states, device)  # fmt: skip
+    summary["lora_drift_own@0"] = own[0.0]
+    summary[f"lora_drift_own@{top_p:g}"] = own[top_p]
 
 
 def run(cfg: OutlierInjectionConfig) -> RunResult:
@@ -468,38 +604,46 @@ def _decide_toy(stats: dict[str, Stat], prefix: str = "") -> tuple[bool, str, di
     return holds, statement, {prefix + k: v for k, v in numbers.items()}
 
 
+def _sign(s: Stat) -> int:
+    """+1 when the CI over seeds (the value, with one seed) lies above 0, -1 below, else 0."""
+    lo, hi = (s.ci_low, s.ci_high) if s.has_ci else (s.mean, s.mean)
+    return 1 if lo > 0 else -1 if hi < 0 else 0
+
+
 def _decide_lora(stats: dict[str, Stat]) -> tuple[bool | None, str, dict[str, float]]:
     ps, ks = _grid(stats, "lora_")
 
     def s(method: str, p: str, k: str) -> Stat:
         return stats[f"lora_rate_{method}@{p},{k}"]
 
-    top, base = s("sam", ps[-1], ks[-1]), s("sam", ps[0], ks[-1])
-    top_lo = top.ci_low if top.has_ci else top.mean
-    base_hi = base.ci_high if base.has_ci else base.mean
     sam_max = max(abs(s("sam", p, k).mean) for p in ps for k in ks)
     sgd_max = max(abs(s("sgd", p, k).mean) for p in ps for k in ks)
     sgd_flat = sgd_max < SGD_FRACTION * sam_max
+    gain, drift = stats["lora_gain_sam_minus_sgd"], stats["lora_drift_gain"]
+    signs = (_sign(gain), _sign(drift))
     holds: bool | None
-    if top.mean <= base.mean or not sgd_flat:
+    if not sgd_flat or -1 in signs:
         holds = False
-    elif top_lo > base_hi:
+    elif signs == (1, 1):
         holds = True
     else:
         holds = None
-    extra = ""
-    if "lora_gain_sam" in stats:
-        extra += f"; paired per-seed gain {stats['lora_gain_sam'].fmt(3)}"
-    if "lora_sgd_drift_ratio" in stats:
-        extra += f"; eta|g|/(2 rho) = {stats['lora_sgd_drift_ratio'].fmt(2)}"
     ratio = sgd_max / sam_max if sam_max > 0 else math.inf
+    drifts = ", ".join(f"p = {p}: {stats[f'lora_drift@{p}'].fmt(3)}" for p in ps)
     statement = (
-        f"SAM's rate at p = {ps[-1]}, k = {ks[-1]}: {top.fmt(3)} vs {base.fmt(3)} without "
-        f"outliers ({'above beyond the CIs' if top_lo > base_hi else 'CIs overlap'}{extra}); "
-        f"SGD's largest |rate| {sgd_max:.3g} = {ratio:.3f} of SAM's largest |rate| "
-        f"{sam_max:.3g} (threshold {SGD_FRACTION})."
+        f"paired per seed (same base, adapters, minibatches): end-of-run rate gain "
+        f"(p = {ps[-1]}, k = {ks[-1]} minus p = 0) of SAM minus that of SGD {gain.fmt(3)}; "
+        f"per-state one-step drift SAM minus SGD at k = {ks[-1]} ({drifts}), gain over p = 0 "
+        f"{drift.fmt(3)}; SAM's rate {s('sam', ps[-1], ks[-1]).fmt(3)} vs "
+        f"{s('sam', ps[0], ks[-1]).fmt(3)} without outliers; SGD's largest |rate| "
+        f"{sgd_max:.3g} = {ratio:.3f} of SAM's largest |rate| {sam_max:.3g} (threshold "
+        f"{SGD_FRACTION}); eta|g|/(2 rho) = {stats['lora_sgd_drift_ratio'].fmt(2)}."
     )
-    numbers = {"lora_sam_top": top.mean, "lora_sam_base": base.mean, "lora_sgd_max": sgd_max}
+    numbers = {
+        "lora_gain_sam_minus_sgd": gain.mean,
+        "lora_drift_gain": drift.mean,
+        "lora_sgd_max": sgd_max,
+    }
     return holds, statement, numbers
 
 
@@ -558,19 +702,20 @@ EXPERIMENT = Experiment(
         "SAM's balancing of two-factor problems speeds up with the fraction p and strength k of "
         "outliers in the data (NOP and OP toys, and LoRA on the digits); SGD does not respond."
     ),
-    source="Li, Zhang, He (NeurIPS 2024), data-responsiveness of SAM's implicit regularisation; PAPERS.md section 4.",
+    source="Li, Zhang, He (NeurIPS 2024), data-responsiveness of SAM's implicit regularisation (arXiv:2410.14802); docs/theory.md.",
     config_cls=OutlierInjectionConfig,
     scales={
         "test": OutlierInjectionConfig(
             fractions=(0.0, 0.3),
             strengths=(1.0, 10.0),
-            steps=1500,
-            runs=8,
+            steps=600,
+            runs=4,
             lora_fractions=(0.0, 0.3),
             lora_strengths=(2.0, 4.0),
-            lora_pretrain_epochs=150,
-            lora_steps=600,
-            lora_lr=2e-3,
+            lora_pretrain_epochs=100,
+            lora_steps=200,
+            lora_drift_states=2,
+            lora_drift_batches=2,
         ),
         "small": OutlierInjectionConfig(),
         "large": OutlierInjectionConfig(
@@ -587,7 +732,7 @@ EXPERIMENT = Experiment(
             lora_steps=10_000,
         ),
     },
-    seeds={"test": 1, "small": 3, "large": 5},
+    seeds={"test": 1, "small": 3, "large": 8},
     run=run,
     decide=decide,
     plot=_plot,

@@ -200,7 +200,7 @@ EXPERIMENT = Experiment(
         "SAM changes B at rate rho (|g_x|^2 - |g_y|^2)/sqrt(|g_x|^2 + |g_y|^2) + O(rho^2) on "
         "scale-invariant NOP problems."
     ),
-    source="Li, Zhang, He (NeurIPS 2024), Theorem 2; PAPERS.md section 4.",
+    source="Li, Zhang, He (NeurIPS 2024, arXiv:2410.14802), Theorem 2; docs/theory.md.",
     config_cls=Theorem2Config,
     scales={
         "test": Theorem2Config(states=32, rhos=tuple(float(r) for r in np.logspace(-3, -1, 5))),
