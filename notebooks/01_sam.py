@@ -29,6 +29,18 @@
 # and shows the practical details sharpkit takes care of (BatchNorm statistics,
 # mixed precision, resuming from a checkpoint).
 
+# %% [markdown]
+# **Learning goals.** After this notebook you can
+#
+# - state SAM's min-max objective and derive its first-order inner solution $e = \rho g/\|g\|$;
+# - check a SAM and an ASAM step against their closed forms;
+# - predict the amplitude of SAM's 2-cycle on a quadratic;
+# - train with SAM and handle BatchNorm, mixed precision and resuming.
+#
+# It runs top to bottom on a laptop CPU in about half a minute. The mathematics
+# is on the documentation site's theory page (`docs/theory.md`); the exercises
+# at the end are checked by `sharpkit.course.check`.
+
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
@@ -67,6 +79,32 @@ g = A @ w0
 expected = w0 - lr * A @ (w0 + rho * g / g.norm())
 print("sharpkit:", w.detach().numpy(), " closed form:", expected.numpy())
 assert torch.allclose(w.detach(), expected, atol=1e-14)
+
+# %% [markdown]
+# The picture: on the contours of $L$, gradient descent steps along $-\nabla L(w)$;
+# SAM first moves to the highest point $w + e$ of the $\rho$-ball (to first order)
+# and steps along $-\nabla L(w + e)$ from $w$.
+
+# %%
+grid = torch.linspace(-1.6, 1.6, 121, dtype=F64)
+W1, W2 = torch.meshgrid(grid, grid, indexing="xy")
+Z = 0.5 * (A[0, 0] * W1**2 + 2 * A[0, 1] * W1 * W2 + A[1, 1] * W2**2)
+e = rho * g / g.norm()
+gd_step = -lr * g
+sam_step = -lr * A @ (w0 + e)
+fig, ax = plt.subplots(figsize=(4.8, 4.2))
+ax.contour(W1, W2, Z, levels=15, cmap="viridis", linewidths=0.8)
+ax.add_patch(plt.Circle(w0.tolist(), rho, fill=False, ls=":", color="gray"))
+ax.annotate("", w0 + e, w0, arrowprops={"arrowstyle": "->", "color": "C3"})
+ax.annotate("", w0 + 4 * gd_step, w0, arrowprops={"arrowstyle": "->", "color": "C0"})
+ax.annotate("", w0 + 4 * sam_step, w0, arrowprops={"arrowstyle": "->", "color": "C1"})
+ax.plot([], [], c="C3", label=r"$e = \rho g/\|g\|$")
+ax.plot([], [], c="C0", label=r"GD step (x4)")
+ax.plot([], [], c="C1", label=r"SAM step (x4)")
+ax.set(aspect="equal", xlabel="$w_1$", ylabel="$w_2$", title="one SAM step on a quadratic")
+ax.plot(*w0.tolist(), "ko", ms=3)
+ax.legend(loc="upper left", fontsize=8)
+plt.show()
 
 # %% [markdown]
 # ASAM (Kwon et al., 2021) rescales the ball elementwise by $T_w = |w| + \xi$,
@@ -247,10 +285,44 @@ print("mixed-precision SAM steps done; perturbed now?", opt.perturbed)
 # %% [markdown]
 # **Resuming.** `state_dict()` holds the base optimizer's state (momentum, Adam
 # moments) and SAM's own hyperparameters, and LR schedulers act on SAM directly,
-# so a resumed run continues exactly as an uninterrupted one would (this is
-# tested bit for bit in `tests/optim/test_contract.py`).
+# so a resumed run continues exactly as an uninterrupted one would (the test suite
+# checks this bit for bit).
 
 # %%
 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
 state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
 print(sorted(state["opt"]["param_groups"][0]))
+
+# %% [markdown]
+# ## Exercises
+#
+# Replace each `None` with your function and run the cell; `check` compares it with
+# a reference on a few inputs and says what differs.
+#
+# **01.1 The SAM perturbation.** Write `sam_perturbation(grads, rho)`: given the
+# list of gradient tensors of all parameters, return the list of tensors of
+# $e = \rho\, g/\|g\|$, with **one** norm over all tensors together. What should it
+# return when every gradient is zero?
+#
+# **01.2 The ASAM perturbation.** Write `asam_perturbation(params, grads, rho, xi)`
+# returning $e = \rho\, T_w^2 g / \|T_w g\|$ with $T_w = |w| + \xi$ on weight
+# tensors and $T = 1$ on one-dimensional parameters (biases).
+#
+# **01.3 The 2-cycle.** Write `two_cycle_amplitude(lam, eta, rho)`, the $|w^*|$ of
+# section 2, by solving $-w^* = (1 - \eta\lambda) w^* - \eta\lambda\rho$. Then change
+# `eta` in section 2 so that $\eta\lambda$ is close to 2: what happens to the
+# amplitude, and why does the formula need $\eta\lambda < 2$?
+
+# %%
+from sharpkit.course import check
+
+sam_perturbation = None  # def sam_perturbation(grads, rho): ...
+check("01.1", sam_perturbation)
+
+# %%
+asam_perturbation = None  # def asam_perturbation(params, grads, rho, xi=0.01): ...
+check("01.2", asam_perturbation)
+
+# %%
+two_cycle_amplitude = None  # def two_cycle_amplitude(lam, eta, rho): ...
+check("01.3", two_cycle_amplitude)

@@ -16,7 +16,7 @@
 #
 # "Flat minima generalise" is a claim about a *number*, and there are many numbers.
 # `sharpkit.sharpness` measures the common ones on any model, loss and data
-# (PAPERS.md section 5), with $c = |w|$ for the adaptive forms and $c = 1$ otherwise:
+# (docs/theory.md, sharpness measures), with $c = |w|$ for the adaptive forms and $c = 1$ otherwise:
 #
 # | metric | definition |
 # |---|---|
@@ -29,6 +29,18 @@
 # We first check two of them against closed forms on a quadratic, then show *why*
 # the adaptive forms exist (ReLU rescaling), and finally measure a trained MLP and
 # draw its loss landscape.
+
+# %% [markdown]
+# **Learning goals.** After this notebook you can
+#
+# - compute worst-case and average-case sharpness and check them against closed forms;
+# - explain why a sharpness measure should be invariant to rescalings, and which ones are;
+# - measure a trained network's full sharpness profile and read the report;
+# - draw filter-normalised and trajectory loss landscapes.
+#
+# It runs top to bottom on a laptop CPU in about a minute. The mathematics
+# is on the documentation site's theory page (`docs/theory.md`); the exercises
+# at the end are checked by `sharpkit.course.check`.
 
 # %%
 import matplotlib.pyplot as plt
@@ -101,7 +113,8 @@ xs = torch.randn(128, 5, generator=g, dtype=torch.float64)
 ys = torch.randint(0, 3, (128,), generator=g)
 ce = nn.CrossEntropyLoss()
 print(" alpha   plain S_max   adaptive S_max")
-for alpha in (0.5, 1.0, 2.0, 4.0):
+alphas, plains, adaptives = (0.5, 1.0, 2.0, 4.0), [], []
+for alpha in alphas:
     other = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).double()
     other.load_state_dict(net.state_dict())
     with torch.no_grad():
@@ -111,6 +124,17 @@ for alpha in (0.5, 1.0, 2.0, 4.0):
     plain = worst_case_sharpness(other, ce, (xs, ys), 0.05, steps=10).value
     adaptive = worst_case_sharpness(other, ce, (xs, ys), 0.05, adaptive=True, steps=10).value
     print(f"{alpha:5.1f}   {plain:11.5f}   {adaptive:14.5f}")
+    plains.append(plain)
+    adaptives.append(adaptive)
+fig, ax = plt.subplots(figsize=(4.8, 3.2))
+ax.plot(alphas, plains, "o-", label="plain ($c = 1$)")
+ax.plot(alphas, adaptives, "s-", label="adaptive ($c = |w|$)")
+ax.set(xscale="log", yscale="log", xlabel=r"rescaling $\alpha$ (same function)",
+       ylabel=r"worst-case $S_{\max}$", title="one network, four parametrisations")  # fmt: skip
+ax.set_xticks(alphas, [f"{a:g}" for a in alphas], minor=False)
+ax.xaxis.set_minor_locator(plt.NullLocator())
+ax.legend()
+plt.show()
 
 # %% [markdown]
 # ## 3. A trained MLP on digits: the full profile
@@ -176,3 +200,27 @@ with torch.no_grad():
     fresh = torch.tensor([ce(drop(batch[0]), batch[1]).item() for _ in range(20)])
 print(f"worst-case sharpness at rho = 0.01, training mode, replayed masks: {res.value:.5f}")
 print(f"loss at the same weights under 20 fresh draws of the masks: std {fresh.std():.5f}")
+
+# %% [markdown]
+# ## Exercises
+#
+# **03.1 Sharpness of a quadratic.** Write `quadratic_sharpness(A, rho)` returning
+# `(worst, average)` for $L(d) = \tfrac12 d^\top A d$ at its minimum $d = 0$
+# ($A$ positive semi-definite): the worst case over $\|d\| \le \rho$ and the mean
+# over $d \sim N(0, \rho^2 I)$. Compare with section 1: which eigenvalues does
+# each one see?
+#
+# **03.2 Filter normalisation.** Write `filter_normalize(direction, weight)` for one
+# tensor: when `weight.dim() >= 2`, rescale each filter `direction[j]` to the norm
+# of `weight[j]`; one-dimensional tensors get zero. Why would a plain random
+# direction make the ReLU-rescaled networks of section 2 look different?
+
+# %%
+from sharpkit.course import check
+
+quadratic_sharpness = None  # def quadratic_sharpness(A, rho): ... -> (worst, average)
+check("03.1", quadratic_sharpness)
+
+# %%
+filter_normalize = None  # def filter_normalize(direction, weight): ...
+check("03.2", filter_normalize)

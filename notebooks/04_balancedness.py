@@ -36,6 +36,18 @@
 # This notebook checks these claims on the paper's toys (Appendix A.4), then
 # tracks balancedness per layer in a small LoRA model.
 
+# %% [markdown]
+# **Learning goals.** After this notebook you can
+#
+# - define balancedness and show why gradient flow conserves it;
+# - predict from Theorem 2 how fast SAM changes it, and why noise in the data matters;
+# - apply BAR's rescaling rule and compare SGD, SAM and BAR on the paper's toys;
+# - track balancedness per layer in a LoRA model (sharpkit's or PEFT's).
+#
+# It runs top to bottom on a laptop CPU in about a minute and a half. The mathematics
+# is on the documentation site's theory page (`docs/theory.md`); the exercises
+# at the end are checked by `sharpkit.course.check`.
+
 # %%
 import time
 
@@ -260,3 +272,33 @@ else:
     print([p.name for p in find_pairs(peft_model)])
 
 print(f"notebook ran in {time.perf_counter() - t_start:.1f} s")
+
+# %% [markdown]
+# ## Exercises
+#
+# **04.1 Balancedness.** Write `balancedness(x, y)`, $\tfrac12(\|x\|_F^2 - \|y\|_F^2)$,
+# for vectors or matrices.
+#
+# **04.2 Theorem 2's rate.** Write `nop_sam_drift(G, x, y, rho)`, the leading term
+# $\rho(\|g_x\|^2 - \|g_y\|^2)/\sqrt{\|g_x\|^2 + \|g_y\|^2}$ for $f(xy^\top)$ with
+# $G = \nabla f$ at $xy^\top$, $g_x = Gy$, $g_y = G^\top x$. (The test suite checks
+# the reference against one SAM step with tiny $\eta$: the error falls like $\rho^2$.)
+#
+# **04.3 One nBAR rescaling.** Write `nbar_scale(x, y, gx, gy, a, eta)` returning the
+# rescaled `(x, y)`: if $\|g_x\| \ge \|g_y\|$, $x(1 + a\eta)$ and $y(1 - a\eta)$,
+# otherwise the signs swap. By how much does one such step change $B$, to first
+# order in $a\eta$?
+
+# %%
+from sharpkit.course import check
+
+balancedness = None  # def balancedness(x, y): ...
+check("04.1", balancedness)
+
+# %%
+nop_sam_drift = None  # def nop_sam_drift(G, x, y, rho): ...
+check("04.2", nop_sam_drift)
+
+# %%
+nbar_scale = None  # def nbar_scale(x, y, gx, gy, a, eta): ... -> (x, y)
+check("04.3", nbar_scale)

@@ -28,6 +28,18 @@
 #   per-instance target $G_{PI} = \frac1n\sum_i \nabla l_i(w + \rho\, g_i/\|g_i\|)$
 #   at the price of one perturbation instead of $n$.
 
+# %% [markdown]
+# **Learning goals.** After this notebook you can
+#
+# - build mSAM's micro-batch perturbations and check that $m = 1$ is SAM;
+# - say what mSAM costs on a CPU and what the paper's no-extra-cost claim is about;
+# - separate what delta-SAM's paper specifies from sharpkit's reconstruction of its weights;
+# - measure how well a perturbation approximates per-instance SAM, on the part that changes.
+#
+# It runs top to bottom on a laptop CPU in about two minutes. The mathematics
+# is on the documentation site's theory page (`docs/theory.md`); the exercises
+# at the end are checked by `sharpkit.course.check`.
+
 # %%
 import math
 import time
@@ -157,6 +169,13 @@ for path in ("vectorised", "sequential"):
 for k, v in timings.items():
     print(f"{k:24s} {v:6.2f} ms/step  ({v / timings['SAM']:.2f}x SAM)")
 
+# %%
+fig, ax = plt.subplots(figsize=(5, 2.6))
+ax.barh(list(timings), list(timings.values()), color=["C0", "C1", "C2"])
+ax.set(xlabel="ms per step (this machine, this run)", title="SAM vs mSAM (m = 8), one small MLP")
+fig.tight_layout()
+plt.show()
+
 # %% [markdown]
 # On a model this small, fixed per-call costs (the `vmap` machinery, the
 # Python loop, $2m$ tiny passes) dominate and both paths are several times
@@ -279,9 +298,9 @@ for name, ys in mean_curve.items():
 # - With exact statistics, a moderate temperature ($\tau \approx 1$) moves the
 #   perturbed gradient closer to the per-instance target than SAM does, in every
 #   setting measured. Small temperatures hand the whole perturbation to a few
-#   examples and do much worse than SAM: the $\tau = 0.3$ of PAPERS.md's
-#   pre-check did not reproduce.
-# - The **probe** mode (PAPERS.md's recipe: the batch gradient first, then
+#   examples and do much worse than SAM: an earlier pre-check that favoured
+#   $\tau = 0.3$ did not reproduce.
+# - The **probe** mode (the batch gradient first, then
 #   $K$ random forward probes for $\|g_i\|$ and one forward along $g$) comes close
 #   to the exact statistics on average at $K = 4$ (single batches vary more),
 #   but costs an extra backward and $K+1$ forwards on top of SAM.
@@ -310,3 +329,27 @@ ax.set(xlabel="probes K", ylabel=r"relative error of $\|g_i\|^2$")
 ax.legend()
 fig.tight_layout()
 plt.show()
+
+# %% [markdown]
+# ## Exercises
+#
+# **05.1 The mSAM gradient.** Write `msam_gradient(model, loss_fn, batch, rho, m)`
+# returning the list $G = \sum_j (n_j/n)\, \nabla L_{B_j}(w + e_j)$ over the
+# `torch.tensor_split` micro-batches, with $e_j = \rho g_j/\|g_j\|$ per micro-batch,
+# leaving the model's weights exactly as they were. (Hint: adding and then
+# subtracting $e_j$ does not give $w$ back bit for bit; save a copy.)
+#
+# **05.2 Unguardedness.** Write `unguardedness(per_example_grads)` for an $(n, d)$
+# matrix of per-example gradients: $u_i = 1 - \cos(g_i, g)$ with $g$ the mean row,
+# and $u_i = 1$ for an example whose gradient is zero. Which examples get the
+# largest weights in $\mathrm{softmax}(u/\tau)$ on the noisy-label batch of section 2?
+
+# %%
+from sharpkit.course import check
+
+msam_gradient = None  # def msam_gradient(model, loss_fn, batch, rho, m): ...
+check("05.1", msam_gradient)
+
+# %%
+unguardedness = None  # def unguardedness(per_example_grads): ...
+check("05.2", unguardedness)

@@ -10,8 +10,9 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-__all__ = ["plot_surface_1d", "plot_surface_2d"]
+__all__ = ["plot_landscape_2d", "plot_surface_1d", "plot_surface_2d"]
 
 
 def plot_surface_1d(
@@ -97,3 +98,57 @@ def plot_surface_2d(
     ax.set_ylabel("direction 2")
     ax.set_aspect("auto")
     return ax
+
+
+def plot_landscape_2d(surface: Any, *, levels: int = 15, title: str | None = None) -> Figure:
+    """Two views of one 2-D loss slice: a contour map and a 3-D surface.
+
+    The left panel is the top view (labelled contour lines of ``log10`` loss, the
+    centre ``w`` marked): where the loss rises fast and in which direction. The
+    right panel is the side view (the loss itself, linear scale, over the same
+    plane): how deep and wide the basin is. The slice is any 2-D
+    :class:`~sharpkit.landscape.Surface`, e.g. along two filter-normalised
+    directions (Li et al., 2018; docs/theory.md, loss landscapes).
+
+    Args:
+        surface: a 2-D :class:`~sharpkit.landscape.Surface`.
+        levels: number of contour levels of the left panel.
+        title: figure title (default: none).
+
+    Returns:
+        The figure (two axes, the second a 3-D one).
+
+    Example:
+        >>> import torch
+        >>> from sharpkit.landscape import Surface
+        >>> from sharpkit.io import MeasurementProtocol
+        >>> g = torch.linspace(-1, 1, 7)
+        >>> s = Surface([g, g], 1 + g[:, None] ** 2 + 2 * g[None, :] ** 2, None, "plane",
+        ...             MeasurementProtocol("grid"))
+        >>> fig = plot_landscape_2d(s)
+        >>> [ax.get_title() for ax in fig.axes if ax.get_title()]  # doctest: +ELLIPSIS
+        ['top view: contours of log10 loss', 'side view: loss surface']
+        >>> plt.close(fig)
+    """
+    coords = getattr(surface, "coords", None)
+    if coords is None or len(coords) != 2:
+        raise ValueError("surface: expected a 2-D Surface (two coordinate axes)")
+    fig = plt.figure(figsize=(11, 4.4))
+    ax = fig.add_subplot(1, 2, 1)
+    plot_surface_2d(surface, ax, filled=False, levels=levels, log=True)
+    ax.plot(0.0, 0.0, "k+", ms=9, mew=1.5)
+    ax.set_title("top view: contours of log10 loss")
+    ax3 = fig.add_subplot(1, 2, 2, projection="3d")
+    x, y = (np.asarray(c, dtype=float) for c in coords)
+    X, Y = np.meshgrid(x, y)
+    Z = np.asarray(surface.loss, dtype=float).T
+    ax3.plot_surface(X, Y, Z, cmap="viridis", linewidth=0, antialiased=True, alpha=0.95)
+    ax3.set_xlabel("direction 1")
+    ax3.set_ylabel("direction 2")
+    ax3.set_zlabel("loss")
+    ax3.view_init(elev=28, azim=-60)
+    ax3.set_title("side view: loss surface")
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
