@@ -94,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             device=str(device),
         )
         cached = f", cached seeds {report.cached_seeds}" if report.cached_seeds else ""
-        print(f"{name}: {report.verdict.label} ({report.seconds:.1f} s{cached})", flush=True)
+        print(
+            f"{name}: {report.verdict.label} ({report.seconds:.1f} s wall, "
+            f"{report.cpu_seconds:.1f} s CPU{cached})",
+            flush=True,
+        )
         reports.append(report)
     if not args.names:
         claims_report(reports, report_path, machine=describe_machine(device))

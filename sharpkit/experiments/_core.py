@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,11 +105,11 @@ class Stat:
     """A summary number over seeds: mean and a t-based 95% confidence interval.
 
     With one seed the interval is ``(nan, nan)``: a single run has no error bar.
-    For a quantity that is positive by definition (a ratio of norms, an
-    eigenvalue, a time) the interval is truncated at 0 (``truncated``): the
-    intersection of a confidence interval with the set of possible values keeps
-    its coverage, and a negative bound would only say "the t-interval is too wide
-    for this sample".
+    For a quantity with known bounds (positive by definition, such as a ratio of
+    norms, an eigenvalue or a time; a cosine in [-1, 1]; an accuracy in [0, 1]) the
+    interval is cut to them (``truncated``): the intersection of a confidence
+    interval with the set of possible values keeps its coverage, and a bound outside
+    it would only say "the t-interval is too wide for this sample".
     """
 
     mean: float
@@ -128,20 +129,25 @@ class Stat:
         return f"{self.mean:.{digits}g}"
 
 
-def summarize(values: Sequence[float], confidence: float = 0.95, *, positive: bool = False) -> Stat:
+def summarize(
+    values: Sequence[float],
+    confidence: float = 0.95,
+    *,
+    bounds: tuple[float, float] | None = None,
+) -> Stat:
     """Mean and t-interval of ``values`` (seeds are independent runs).
 
     Args:
         values: one number per seed.
         confidence: the interval's level.
-        positive: the quantity is positive by definition; a lower bound below 0
-            is raised to 0 (and the :class:`Stat` says so).
+        bounds: ``(low, high)`` the quantity cannot leave; the interval is cut to
+            them (and the :class:`Stat` says so).
 
     Returns:
         The :class:`Stat`.
 
     Example:
-        >>> s = summarize([0.1, 0.2, 1.5], positive=True)
+        >>> s = summarize([0.1, 0.2, 1.5], bounds=(0.0, math.inf))
         >>> s.ci_low, s.truncated
         (0.0, True)
     """
@@ -154,10 +160,11 @@ def summarize(values: Sequence[float], confidence: float = 0.95, *, positive: bo
     if x.size < 2:
         return Stat(mean, math.nan, math.nan, 1, x.tolist())
     half = float(stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
-    low, truncated = mean - half, False
-    if positive and low < 0:
-        low, truncated = 0.0, True
-    return Stat(mean, low, mean + half, int(x.size), x.tolist(), truncated)
+    low, high = mean - half, mean + half
+    truncated = False
+    if bounds is not None and (low < bounds[0] or high > bounds[1]):
+        low, high, truncated = max(low, bounds[0]), min(high, bounds[1]), True
+    return Stat(mean, low, high, int(x.size), x.tolist(), truncated)
 
 
 @dataclass
@@ -169,15 +176,30 @@ class Verdict:
             e.g. the confidence interval straddles the threshold).
         statement: one sentence with the numbers that decided it.
         numbers: those numbers by name.
+        parts: for a claim with separate parts judged on their own, part name ->
+            its verdict (True, False, None); ``holds`` then combines them (True if
+            all hold, False if any fails, None otherwise) and the label lists them.
     """
 
     holds: bool | None
     statement: str
     numbers: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, bool | None] = field(default_factory=dict)
+
+    @staticmethod
+    def combine(parts: Mapping[str, bool | None]) -> bool | None:
+        """True if every part holds, False if any fails, None otherwise."""
+        values = list(parts.values())
+        if False in values:
+            return False
+        return True if values and all(v is True for v in values) else None
 
     @property
     def label(self) -> str:
-        return {True: "supported", False: "not supported", None: "inconclusive"}[self.holds]
+        words = {True: "supported", False: "not supported", None: "inconclusive"}
+        if self.parts:
+            return "; ".join(f"{k}: {words[v]}" for k, v in self.parts.items())
+        return words[self.holds]
 
 
 @dataclass
@@ -197,6 +219,7 @@ class RunResult:
     seconds: float = 0.0
     fingerprint: str = ""
     version: str = ""
+    cpu_seconds: float = 0.0
     digest: str = ""
 
     def content_digest(self) -> str:
@@ -236,6 +259,7 @@ class ExperimentReport:
     figures: list[str] = field(default_factory=list)
     device: str = "cpu"
     seconds: float = 0.0  #: compute seconds summed over seeds (as first measured)
+    cpu_seconds: float = 0.0  #: CPU seconds of this process over seeds (all threads)
     cached_seeds: list[int] = field(default_factory=list)
     key: str = ""
     folder: str = ""
@@ -257,8 +281,10 @@ class Experiment:
         decide: ``decide(stats) -> Verdict`` from summary statistics.
         plot: ``plot(report, out_dir) -> list of written paths`` (PNG and SVG).
         setting: ``setting(config) -> str`` describing the setup for the report.
-        positive: glob patterns (``fnmatch``) of the summary keys that are positive
-            by definition; their confidence intervals are truncated at 0.
+        bounds: ``{glob pattern: (low, high)}`` (``fnmatch`` on summary keys): the
+            values a quantity can take by definition (e.g. ``(0, inf)`` for a ratio
+            of norms, ``(-1, 1)`` for a cosine); its confidence intervals are cut to
+            them. The first matching pattern wins.
     """
 
     name: str
@@ -272,11 +298,11 @@ class Experiment:
     decide: Callable[[dict[str, Stat]], Verdict]
     plot: Callable[[ExperimentReport, Path], list[Path]] | None = None
     setting: Callable[[Any], str] = lambda cfg: ""
-    positive: tuple[str, ...] = ()
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
-    def is_positive(self, key: str) -> bool:
-        """Whether summary ``key`` is positive by definition (see ``positive``)."""
-        return any(fnmatch.fnmatchcase(key, pat) for pat in self.positive)
+    def bounds_of(self, key: str) -> tuple[float, float] | None:
+        """The bounds of summary ``key`` (see ``bounds``), or ``None``."""
+        return next((b for pat, b in self.bounds.items() if fnmatch.fnmatchcase(key, pat)), None)
 
     def config(self, scale: str = "small", **overrides: Any) -> ExperimentConfig:
         """The preset config for ``scale`` with ``overrides`` applied and validated."""
@@ -293,7 +319,7 @@ class Experiment:
 def _summarize_all(experiment: Experiment, runs: Sequence[RunResult]) -> dict[str, Stat]:
     keys = list(runs[0].summary)
     return {
-        k: summarize([r.summary[k] for r in runs], positive=experiment.is_positive(k)) for k in keys
+        k: summarize([r.summary[k] for r in runs], bounds=experiment.bounds_of(k)) for k in keys
     }
 
 
@@ -492,7 +518,12 @@ def run_experiment(
                 runs.append(cached)
                 cached_seeds.append(seed)
                 continue
+        cpu0 = time.process_time()
         result = experiment.run(cfg)
+        # CPU time as well as wall time: on a shared machine the wall clock also
+        # counts the other processes
+        result.cpu_seconds = time.process_time() - cpu0
+        result.digest = result.content_digest()
         if path is not None:
             _write_json(path, result)
         runs.append(result)
@@ -510,6 +541,7 @@ def run_experiment(
         runs=runs,
         device=base.device,
         seconds=sum(r.seconds for r in runs),  # compute time, cached seeds included
+        cpu_seconds=sum(r.cpu_seconds for r in runs),
         cached_seeds=cached_seeds,
         key=key,
         folder=str(folder) if folder is not None else "",
@@ -530,12 +562,12 @@ def ci_header(stats: Iterable[Stat]) -> str:
     if st and all(s.n < 2 for s in st):
         return "value (1 seed, no CI)"
     if any(s.truncated for s in st):
-        return "mean [95% CI over seeds; * truncated at 0]"
+        return "mean [95% CI over seeds; * cut to the possible values]"
     return "mean [95% CI over seeds]"
 
 
 def format_stat(s: Stat, digits: int = 4) -> str:
-    """``s.fmt(digits)`` with a ``*`` when its interval was truncated at 0."""
+    """``s.fmt(digits)`` with a ``*`` when its interval was cut to the bounds."""
     return s.fmt(digits) + ("*" if s.truncated and s.has_ci else "")
 
 
@@ -580,9 +612,10 @@ def claims_report(
     lines += claims_table(reports)
     lines += [
         "",
-        "Intervals are t-based 95% confidence intervals over seeds. For quantities that are "
-        "positive by definition a lower bound below 0 is truncated at 0 (marked *): "
-        "intersecting a confidence interval with the possible values keeps its coverage.",
+        "Intervals are t-based 95% confidence intervals over seeds. Where a t-interval "
+        "leaves the values a quantity can take (below 0 for a positive quantity, outside "
+        "[-1, 1] for a cosine) it is cut to them (marked *): intersecting a confidence "
+        "interval with the possible values keeps its coverage.",
     ]
     for r in reports:
         lines += [
@@ -593,7 +626,7 @@ def claims_report(
             f"- **Claim.** {r.claim}",
             f"- **Source.** {r.source}",
             f"- **Setting.** {r.setting} Scale `{r.scale}`, seeds {r.seeds}, device {r.device}, "
-            f"{r.seconds:.1f} s of compute. {provenance(r)}",
+            f"{r.seconds:.1f} s wall clock, {r.cpu_seconds:.1f} s CPU. {provenance(r)}",
             f"- **Verdict: {r.verdict.label}.** {r.verdict.statement}",
             "",
             f"| quantity | {ci_header(r.stats.values())} |",

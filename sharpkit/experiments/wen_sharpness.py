@@ -48,6 +48,7 @@ inconclusive otherwise.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass
 
@@ -303,4 +304,11 @@ EXPERIMENT = Experiment(
     decide=decide,
     plot=_plot,
     setting=_setting,
+    bounds={
+        "cos_*": (-1.0, 1.0),
+        "baseline*": (-1.0, 1.0),
+        "pref_*": (-2.0, 2.0),
+        "*loss*": (0.0, math.inf),
+        "*_change_*": (-1.0, math.inf),
+    },
 )

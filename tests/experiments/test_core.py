@@ -198,19 +198,12 @@ def test_one_seed_table_names_no_interval_and_cached_seeds_are_named(tmp_path) -
     assert "Reused cached seeds [0]" in text and "computed [1] in this run" in text
 
 
-def test_positive_quantities_get_intervals_that_respect_the_sign() -> None:
-    s = summarize([1e-8, 2e-8, 3e-6], positive=True)
+def test_bounded_quantities_get_intervals_that_respect_the_bounds() -> None:
+    s = summarize([1e-8, 2e-8, 3e-6], bounds=(0.0, math.inf))
     assert s.ci_low == 0.0 and s.truncated and s.ci_high > 3e-6 / 3
     t = summarize([1e-8, 2e-8, 3e-6])  # a difference may be negative: no truncation
     assert t.ci_low < 0 and not t.truncated
-    exp = dataclasses.replace(COUNT, positive=("v",))
-    assert exp.is_positive("v") and not COUNT.is_positive("v")
-
-
-def test_every_registered_experiment_has_three_scales() -> None:
-    assert EXPERIMENTS
-    for name, exp in EXPERIMENTS.items():
-        assert exp.name == name
-        assert set(exp.scales) == {"test", "small", "large"}
-        for scale in exp.scales:
-            exp.config(scale).validate()
+    c = summarize([0.99, 1.0, 0.8], bounds=(-1.0, 1.0))
+    assert c.ci_high == 1.0 and c.truncated and c.ci_low < 0.8
+    exp = dataclasses.replace(COUNT, bounds={"v*": (0.0, math.inf)})
+    assert exp.bounds_of("v") == (0.0, math.inf) and COUNT.bounds_of("v") is None
