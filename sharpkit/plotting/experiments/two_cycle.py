@@ -25,7 +25,8 @@ def plot(report, out_dir: str | Path) -> list[Path]:
         ax1.axhline(pred, color=c, ls="--", lw=0.8)
         ax1.axhline(-pred, color=c, ls="--", lw=0.8)
     ax1.set(xlabel="step (last 20)", ylabel="w . v1", title="iterate along the top eigenvector")
-    ax1.legend(fontsize=7)
+    # below the axes: the cycle fills the whole height of the panel
+    ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=4)
     meas, pred = [], []
     for r in report.runs:
         for eta_lam in r.series["eta_lambda"]:
