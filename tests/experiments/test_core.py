@@ -207,3 +207,20 @@ def test_bounded_quantities_get_intervals_that_respect_the_bounds() -> None:
     assert c.ci_high == 1.0 and c.truncated and c.ci_low < 0.8
     exp = dataclasses.replace(COUNT, bounds={"v*": (0.0, math.inf)})
     assert exp.bounds_of("v") == (0.0, math.inf) and COUNT.bounds_of("v") is None
+
+
+def test_readme_table_is_emitted_from_the_report(tmp_path) -> None:
+    from analysis.experiments import table_from_report
+
+    r = run_experiment(COUNT, scale="small", seeds=2)
+    report = claims_report([r], tmp_path / "CLAIMS-small.md", machine="test machine")
+    table = table_from_report(report, "figures/experiments/CLAIMS-small.md").splitlines()
+    assert table[0] == (
+        "Measured on: test machine. Details: "
+        "[CLAIMS-small.md](figures/experiments/CLAIMS-small.md)."
+    )
+    assert table[2:4] == ["| experiment | claim | verdict |", "|---|---|---|"]
+    assert (
+        table[4] == "| [Count](figures/experiments/CLAIMS-small.md#count) | v > 1 | **supported** |"
+    )
+    assert len(table) == 5
