@@ -391,6 +391,14 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
+def _ordinary_mode() -> int:
+    """``0o666`` less the process umask: the mode ``open()`` would give a new file
+    (``mkstemp`` gives ``0o600``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_atomic(path: Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and
     ``os.replace``, with ordinary permissions (``0o666`` less the umask)."""
@@ -399,9 +407,7 @@ def _write_atomic(path: Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, _ordinary_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -442,17 +448,16 @@ def _load_cached(path: Path, cfg: ExperimentConfig, experiment: Experiment) -> R
 
 
 def _plot_atomic(experiment: Experiment, report: ExperimentReport, folder: Path) -> list[str]:
-    """Draw into a temporary folder beside ``folder``, then move each file in with
+    """Draw into a temporary folder inside ``folder``, then move each file out with
     ``os.replace``: an interrupted plot leaves no partial figure."""
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".plot-"))
     try:
         written = experiment.plot(report, tmp) if experiment.plot is not None else []
-        umask = os.umask(0)
-        os.umask(umask)
+        mode = _ordinary_mode()
         paths = []
         for p in written:
             final = folder / Path(p).name
-            os.chmod(p, 0o666 & ~umask)
+            os.chmod(p, mode)
             os.replace(p, final)
             paths.append(str(final))
         return paths
