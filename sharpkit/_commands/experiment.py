@@ -7,19 +7,27 @@ Usage::
                              [--out DIR] [--force] [--set FIELD=VALUE ...]
     sharpkit experiment all  [--scale ...] [--out DIR] ...    # every experiment + CLAIMS.md
 
-Results go to ``DIR/NAME/SCALE/seed*.json`` (written atomically; a rerun skips
-seeds already finished with the same config unless ``--force``), with
-``summary.json`` and figures (PNG, SVG) beside them. ``all`` also writes the
-claims report ``DIR/CLAIMS.md``.
+Results go to ``DIR/NAME/SCALE/KEY/``, one folder per config: ``KEY`` hashes the
+full config (seed excluded) and the sharpkit version, and ``config.json`` beside
+the results records both, so a run with another ``--set`` never overwrites or
+mixes with an earlier one. The folder holds ``seedK.json`` (a rerun reuses a
+seed only when its file matches config, seed and version and its content digest
+checks out, unless ``--force``; the table then says which seeds were reused),
+``summary.json`` and the figures (PNG, SVG). ``all`` also writes the claims
+report ``DIR/CLAIMS-SCALE-KEY.md`` (``KEY`` of the set of configs). Every file is
+written atomically.
 
-Exit codes: 0 the experiments ran (whatever their verdicts); 2 bad usage or a
-bad config (one line on stderr, before any compute).
+Exit codes: 0 the experiments ran (whatever their verdicts); 2 bad usage, a bad
+config or an ``--out`` that is a file or not writable (one line on stderr, before
+any compute); 130 interrupted (Ctrl-C: one line; finished seeds are kept, no
+partial file is left).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import sys
 import typing
 from pathlib import Path
@@ -97,23 +105,43 @@ def parse_overrides(config_cls: type, items: list[str]) -> dict[str, Any]:
 
 def _print_report(report) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+
+    from sharpkit.experiments._core import ci_header, format_stat, provenance
 
     table = Table(title=f"{report.title} ({report.scale}, seeds {report.seeds})")
     table.add_column("quantity")
-    table.add_column("mean [95% CI]")
+    table.add_column(ci_header(report.stats.values()))
     for k, s in report.stats.items():
-        table.add_row(k, s.fmt(4))
+        table.add_row(k, format_stat(s))
     console = Console()
     console.print(table)
-    console.print(f"[bold]verdict: {report.verdict.label}[/bold]. {report.verdict.statement}")
+    console.print(
+        f"[bold]verdict: {report.verdict.label}[/bold]. {escape(report.verdict.statement)}"
+    )
+    console.print(escape(provenance(report)))
+    console.print(f"results: {report.folder}")
     for f in report.figures:
         console.print(f"figure: {f}")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the command; Ctrl-C ends it with one line and exit code 130."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(
+            f"sharpkit experiment: interrupted; finished seeds are kept under {args.out}",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from sharpkit._device import resolve_device
     from sharpkit.experiments import EXPERIMENTS, claims_report, run_experiment
+    from sharpkit.experiments._core import check_out_dir
 
     if args.name == "list":
         for name, exp in EXPERIMENTS.items():
@@ -135,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
             overrides = parse_overrides(exp.config_cls, args.overrides) if args.overrides else {}
             exp.config(args.scale, device=device, **overrides)
             plans.append((exp, overrides))
+        check_out_dir(args.out)
     except ValueError as err:
         print(f"sharpkit experiment: {err}", file=sys.stderr)
         return 2
@@ -155,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
     if args.name == "all":
         from sharpkit._device import describe_machine
 
-        path = claims_report(reports, args.out / "CLAIMS.md", machine=describe_machine(device))
+        # named by the set of configs, so a run of other configs never overwrites it
+        key = hashlib.sha256(" ".join(r.key for r in reports).encode()).hexdigest()[:12]
+        path = claims_report(
+            reports, args.out / f"CLAIMS-{args.scale}-{key}.md", machine=describe_machine(device)
+        )
         print(f"claims report: {path}")
     return 0

@@ -23,6 +23,8 @@ from ._core import (
     Stat,
     Verdict,
     claims_report,
+    claims_table,
+    config_key,
     run_experiment,
     summarize,
 )
@@ -87,6 +89,8 @@ __all__ = [
     "Stat",
     "Verdict",
     "claims_report",
+    "claims_table",
+    "config_key",
     "run_experiment",
     "summarize",
 ]

@@ -8,18 +8,31 @@ one seed, and a function ``decide(stats) -> Verdict`` that judges the claim from
 summary statistics. The same ``decide`` judges one seed (``n = 1``) and the
 aggregate over seeds (means with t-based 95% confidence intervals).
 
-:func:`run_experiment` runs the seeds, writes each seed's result atomically as
-JSON, skips seeds whose result already exists with the same config (unless
-``force``), aggregates, plots, and returns an :class:`ExperimentReport`;
-:func:`claims_report` writes the markdown claims report.
+:func:`run_experiment` runs the seeds and writes every result into a folder of
+its own config, ``OUT/NAME/SCALE/KEY/``, where ``KEY`` (:func:`config_key`) is a
+hash of the full config (seed excluded) and the sharpkit version, with the config
+stored beside as ``config.json``: a run with another config or another version
+never overwrites or mixes with the files of an earlier one. It writes each seed's
+result as ``seedK.json``, reuses a cached seed only when its file matches in
+experiment, config, seed and version and its content digest checks out (unless
+``force``), aggregates, plots, and returns an :class:`ExperimentReport`; every
+file is written atomically (a temporary file in the same folder, then
+``os.replace``) with ordinary permissions, so an interruption never leaves a
+partial file. :func:`claims_report` writes the markdown claims report and
+:func:`claims_table` its summary table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import math
+import os
+import shutil
+import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from sharpkit.io.results import read_json, to_jsonable, write_json_atomic
+from sharpkit.io.results import to_jsonable
 
 __all__ = [
     "SCALES",
@@ -38,7 +51,10 @@ __all__ = [
     "Stat",
     "Verdict",
     "check",
+    "check_out_dir",
     "claims_report",
+    "claims_table",
+    "config_key",
     "run_experiment",
     "summarize",
 ]
@@ -61,6 +77,13 @@ class ExperimentConfig:
     device: str = "cpu"
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # inf and nan are never a setting
+            value = getattr(self, f.name)
+            items = value if isinstance(value, tuple) else (value,)
+            check(
+                all(math.isfinite(v) for v in items if isinstance(v, float)),
+                f"{f.name}: must be finite, got {value!r}",
+            )
         check(
             isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
             f"seed: expected a non-negative integer, got {self.seed!r}",
@@ -82,6 +105,11 @@ class Stat:
     """A summary number over seeds: mean and a t-based 95% confidence interval.
 
     With one seed the interval is ``(nan, nan)``: a single run has no error bar.
+    For a quantity with known bounds (positive by definition, such as a ratio of
+    norms, an eigenvalue or a time; a cosine in [-1, 1]; an accuracy in [0, 1]) the
+    interval is cut to them (``truncated``): the intersection of a confidence
+    interval with the set of possible values keeps its coverage, and a bound outside
+    it would only say "the t-interval is too wide for this sample".
     """
 
     mean: float
@@ -89,6 +117,7 @@ class Stat:
     ci_high: float
     n: int
     values: list[float] = field(default_factory=list)
+    truncated: bool = False
 
     @property
     def has_ci(self) -> bool:
@@ -100,8 +129,28 @@ class Stat:
         return f"{self.mean:.{digits}g}"
 
 
-def summarize(values: Sequence[float], confidence: float = 0.95) -> Stat:
-    """Mean and t-interval of ``values`` (seeds are independent runs)."""
+def summarize(
+    values: Sequence[float],
+    confidence: float = 0.95,
+    *,
+    bounds: tuple[float, float] | None = None,
+) -> Stat:
+    """Mean and t-interval of ``values`` (seeds are independent runs).
+
+    Args:
+        values: one number per seed.
+        confidence: the interval's level.
+        bounds: ``(low, high)`` the quantity cannot leave; the interval is cut to
+            them (and the :class:`Stat` says so).
+
+    Returns:
+        The :class:`Stat`.
+
+    Example:
+        >>> s = summarize([0.1, 0.2, 1.5], bounds=(0.0, math.inf))
+        >>> s.ci_low, s.truncated
+        (0.0, True)
+    """
     from scipy import stats
 
     x = np.asarray([float(v) for v in values], dtype=float)
@@ -111,7 +160,11 @@ def summarize(values: Sequence[float], confidence: float = 0.95) -> Stat:
     if x.size < 2:
         return Stat(mean, math.nan, math.nan, 1, x.tolist())
     half = float(stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
-    return Stat(mean, mean - half, mean + half, int(x.size), x.tolist())
+    low, high = mean - half, mean + half
+    truncated = False
+    if bounds is not None and (low < bounds[0] or high > bounds[1]):
+        low, high, truncated = max(low, bounds[0]), min(high, bounds[1]), True
+    return Stat(mean, low, high, int(x.size), x.tolist(), truncated)
 
 
 @dataclass
@@ -123,20 +176,39 @@ class Verdict:
             e.g. the confidence interval straddles the threshold).
         statement: one sentence with the numbers that decided it.
         numbers: those numbers by name.
+        parts: for a claim with separate parts judged on their own, part name ->
+            its verdict (True, False, None); ``holds`` then combines them (True if
+            all hold, False if any fails, None otherwise) and the label lists them.
     """
 
     holds: bool | None
     statement: str
     numbers: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, bool | None] = field(default_factory=dict)
+
+    @staticmethod
+    def combine(parts: Mapping[str, bool | None]) -> bool | None:
+        """True if every part holds, False if any fails, None otherwise."""
+        values = list(parts.values())
+        if False in values:
+            return False
+        return True if values and all(v is True for v in values) else None
 
     @property
     def label(self) -> str:
-        return {True: "supported", False: "not supported", None: "inconclusive"}[self.holds]
+        words = {True: "supported", False: "not supported", None: "inconclusive"}
+        if self.parts:
+            return "; ".join(f"{k}: {words[v]}" for k, v in self.parts.items())
+        return words[self.holds]
 
 
 @dataclass
 class RunResult:
-    """One seed of one experiment: raw series, summary numbers and a verdict."""
+    """One seed of one experiment: raw series, summary numbers and a verdict.
+
+    ``digest`` is a SHA-256 of every other field (:meth:`content_digest`): a cached
+    file is trusted only when it still matches it.
+    """
 
     experiment: str
     seed: int
@@ -147,6 +219,14 @@ class RunResult:
     seconds: float = 0.0
     fingerprint: str = ""
     version: str = ""
+    cpu_seconds: float = 0.0
+    digest: str = ""
+
+    def content_digest(self) -> str:
+        """SHA-256 (hex) of the canonical JSON of every field but ``digest``."""
+        d = to_jsonable(self)
+        d.pop("digest")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunResult:
@@ -159,7 +239,12 @@ class RunResult:
 
 @dataclass
 class ExperimentReport:
-    """All seeds of one experiment, aggregated."""
+    """All seeds of one experiment, aggregated.
+
+    ``cached_seeds`` lists the seeds reused from an earlier run's files (their
+    ``seconds`` are the compute time measured then); ``key`` names the results
+    folder (:func:`config_key`).
+    """
 
     experiment: str
     title: str
@@ -174,6 +259,10 @@ class ExperimentReport:
     figures: list[str] = field(default_factory=list)
     device: str = "cpu"
     seconds: float = 0.0  #: compute seconds summed over seeds (as first measured)
+    cpu_seconds: float = 0.0  #: CPU seconds of this process over seeds (all threads)
+    cached_seeds: list[int] = field(default_factory=list)
+    key: str = ""
+    folder: str = ""
 
 
 @dataclass(frozen=True)
@@ -192,6 +281,10 @@ class Experiment:
         decide: ``decide(stats) -> Verdict`` from summary statistics.
         plot: ``plot(report, out_dir) -> list of written paths`` (PNG and SVG).
         setting: ``setting(config) -> str`` describing the setup for the report.
+        bounds: ``{glob pattern: (low, high)}`` (``fnmatch`` on summary keys): the
+            values a quantity can take by definition (e.g. ``(0, inf)`` for a ratio
+            of norms, ``(-1, 1)`` for a cosine); its confidence intervals are cut to
+            them. The first matching pattern wins.
     """
 
     name: str
@@ -205,6 +298,11 @@ class Experiment:
     decide: Callable[[dict[str, Stat]], Verdict]
     plot: Callable[[ExperimentReport, Path], list[Path]] | None = None
     setting: Callable[[Any], str] = lambda cfg: ""
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+
+    def bounds_of(self, key: str) -> tuple[float, float] | None:
+        """The bounds of summary ``key`` (see ``bounds``), or ``None``."""
+        return next((b for pat, b in self.bounds.items() if fnmatch.fnmatchcase(key, pat)), None)
 
     def config(self, scale: str = "small", **overrides: Any) -> ExperimentConfig:
         """The preset config for ``scale`` with ``overrides`` applied and validated."""
@@ -218,6 +316,13 @@ class Experiment:
         return cfg
 
 
+def _summarize_all(experiment: Experiment, runs: Sequence[RunResult]) -> dict[str, Stat]:
+    keys = list(runs[0].summary)
+    return {
+        k: summarize([r.summary[k] for r in runs], bounds=experiment.bounds_of(k)) for k in keys
+    }
+
+
 def make_result(
     experiment: Experiment,
     config: ExperimentConfig,
@@ -229,7 +334,7 @@ def make_result(
     from sharpkit import __version__
 
     stats = {k: summarize([v]) for k, v in summary.items()}
-    return RunResult(
+    result = RunResult(
         experiment=experiment.name,
         seed=config.seed,
         config=to_jsonable(config),
@@ -240,10 +345,124 @@ def make_result(
         fingerprint=config.fingerprint(),
         version=__version__,
     )
+    result.digest = result.content_digest()
+    return result
 
 
-def _seed_path(out_dir: Path, name: str, scale: str, seed: int) -> Path:
-    return out_dir / name / scale / f"seed{seed}.json"
+def config_key(config: ExperimentConfig) -> str:
+    """The results folder's name: 12 hex digits of a SHA-256 of the config (seed
+    excluded) and the sharpkit version.
+
+    Example:
+        >>> from sharpkit.experiments import EXPERIMENTS
+        >>> cfg = EXPERIMENTS["two_cycle"].config("test")
+        >>> config_key(cfg) == config_key(EXPERIMENTS["two_cycle"].config("test", seed=3))
+        True
+    """
+    return hashlib.sha256(_config_record(config).encode()).hexdigest()[:12]
+
+
+def _config_record(config: ExperimentConfig) -> str:
+    from sharpkit import __version__
+
+    d = {k: v for k, v in to_jsonable(config).items() if k != "seed"}
+    return json.dumps({"config": d, "version": __version__}, sort_keys=True, indent=2)
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """Refuse an output folder that is a file, lies under a file, or cannot be
+    written, before any compute; nothing is created on disk.
+
+    Raises:
+        ValueError: naming ``--out`` and the reason.
+    """
+    out = Path(out_dir)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is a file" if probe == out else f"lies under a file ({probe})"
+        raise ValueError(f"--out: {out} {what}, expected a folder")
+    try:  # os.access says yes to root even where nothing can be created
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out: {out} is not writable ({err.strerror or err})") from None
+    return out
+
+
+def _ordinary_mode() -> int:
+    """``0o666`` less the process umask: the mode ``open()`` would give a new file
+    (``mkstemp`` gives ``0o600``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and
+    ``os.replace``, with ordinary permissions (``0o666`` less the umask)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, _ordinary_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
+    return _write_atomic(path, text.encode())
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return _write_atomic(Path(path), text.encode())
+
+
+def _load_cached(path: Path, cfg: ExperimentConfig, experiment: Experiment) -> RunResult | None:
+    """The cached result at ``path`` if it is this experiment's, for exactly this
+    config, seed and sharpkit version, and its content digest checks out."""
+    from sharpkit import __version__
+
+    try:
+        cached = RunResult.from_dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if (
+        cached.experiment != experiment.name
+        or cached.seed != cfg.seed
+        or cached.version != __version__
+        or cached.config != to_jsonable(cfg)
+        or cached.fingerprint != cfg.fingerprint()
+        or not cached.digest
+        or cached.digest != cached.content_digest()
+    ):
+        return None
+    return cached
+
+
+def _plot_atomic(experiment: Experiment, report: ExperimentReport, folder: Path) -> list[str]:
+    """Draw into a temporary folder inside ``folder``, then move each file out with
+    ``os.replace``: an interrupted plot leaves no partial figure."""
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".plot-"))
+    try:
+        written = experiment.plot(report, tmp) if experiment.plot is not None else []
+        mode = _ordinary_mode()
+        paths = []
+        for p in written:
+            final = folder / Path(p).name
+            os.chmod(p, mode)
+            os.replace(p, final)
+            paths.append(str(final))
+        return paths
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_experiment(
@@ -263,8 +482,9 @@ def run_experiment(
         experiment: the experiment.
         scale: "test", "small" or "large".
         seeds: a count (seeds ``0..n-1``) or explicit seeds; default per scale.
-        out_dir: where per-seed JSON results, the summary and figures go; ``None``
-            keeps everything in memory.
+        out_dir: results go to ``out_dir/NAME/SCALE/KEY/`` (:func:`config_key`):
+            ``config.json``, ``seedK.json``, ``summary.json`` and the figures;
+            ``None`` keeps everything in memory.
         force: rerun seeds whose results already exist.
         progress: show a progress bar over seeds.
         plot: write figures (when ``out_dir`` is given and the experiment plots).
@@ -272,6 +492,9 @@ def run_experiment(
 
     Returns:
         The :class:`ExperimentReport`.
+
+    Raises:
+        ValueError: a bad config, seed list or output folder, before any compute.
     """
     base = experiment.config(scale, **overrides)  # validates before any compute
     if seeds is None:
@@ -279,8 +502,13 @@ def run_experiment(
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     check(len(seed_list) > 0, "seeds: need at least one seed")
     check(all(s >= 0 for s in seed_list), f"seeds: must be non-negative, got {seed_list}")
-    out = Path(out_dir) if out_dir is not None else None
+    check(len(set(seed_list)) == len(seed_list), f"seeds: duplicates in {seed_list}")
+    key = config_key(base)
+    folder = check_out_dir(out_dir) / experiment.name / scale / key if out_dir is not None else None
+    if folder is not None:
+        _write_text(folder / "config.json", _config_record(base) + "\n")
     runs: list[RunResult] = []
+    cached_seeds: list[int] = []
     it: Iterable[int] = seed_list
     if progress:
         from tqdm.auto import tqdm
@@ -288,21 +516,23 @@ def run_experiment(
         it = tqdm(seed_list, desc=experiment.name, unit="seed")
     for seed in it:
         cfg = dataclasses.replace(base, seed=seed)
-        path = _seed_path(out, experiment.name, scale, seed) if out is not None else None
+        path = folder / f"seed{seed}.json" if folder is not None else None
         if path is not None and path.exists() and not force:
-            try:
-                cached = RunResult.from_dict(read_json(path))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                cached = None
-            if cached is not None and cached.fingerprint == cfg.fingerprint():
+            cached = _load_cached(path, cfg, experiment)
+            if cached is not None:
                 runs.append(cached)
+                cached_seeds.append(seed)
                 continue
+        cpu0 = time.process_time()
         result = experiment.run(cfg)
+        # CPU time as well as wall time: on a shared machine the wall clock also
+        # counts the other processes
+        result.cpu_seconds = time.process_time() - cpu0
+        result.digest = result.content_digest()
         if path is not None:
-            write_json_atomic(path, result)
+            _write_json(path, result)
         runs.append(result)
-    keys = list(runs[0].summary)
-    stats = {k: summarize([r.summary[k] for r in runs]) for k in keys}
+    stats = _summarize_all(experiment, runs)
     report = ExperimentReport(
         experiment=experiment.name,
         title=experiment.title,
@@ -316,15 +546,55 @@ def run_experiment(
         runs=runs,
         device=base.device,
         seconds=sum(r.seconds for r in runs),  # compute time, cached seeds included
+        cpu_seconds=sum(r.cpu_seconds for r in runs),
+        cached_seeds=cached_seeds,
+        key=key,
+        folder=str(folder) if folder is not None else "",
     )
-    if out is not None:
+    if folder is not None:
         if plot and experiment.plot is not None:
-            fig_dir = out / experiment.name / scale
-            report.figures = [str(p) for p in experiment.plot(report, fig_dir)]
+            report.figures = _plot_atomic(experiment, report, folder)
         summary = dataclasses.asdict(report)
         summary.pop("runs")
-        write_json_atomic(out / experiment.name / scale / "summary.json", summary)
+        _write_json(folder / "summary.json", summary)
     return report
+
+
+def ci_header(stats: Iterable[Stat]) -> str:
+    """The column header of a table of :class:`Stat`: it names the interval only
+    when there is one."""
+    st = list(stats)
+    if st and all(s.n < 2 for s in st):
+        return "value (1 seed, no CI)"
+    if any(s.truncated for s in st):
+        return "mean [95% CI over seeds; * cut to the possible values]"
+    return "mean [95% CI over seeds]"
+
+
+def format_stat(s: Stat, digits: int = 4) -> str:
+    """``s.fmt(digits)`` with a ``*`` when its interval was cut to the bounds."""
+    return s.fmt(digits) + ("*" if s.truncated and s.has_ci else "")
+
+
+def provenance(report: ExperimentReport) -> str:
+    """One sentence on where the seeds' numbers come from (fresh or cached)."""
+    if not report.cached_seeds:
+        return f"All {len(report.seeds)} seeds computed in this run."
+    fresh = [s for s in report.seeds if s not in report.cached_seeds]
+    text = (
+        f"Reused cached seeds {report.cached_seeds} (results of an earlier run with the same "
+        f"config and version; their seconds are as measured then)"
+    )
+    return text + (f"; computed {fresh} in this run." if fresh else ".")
+
+
+def claims_table(reports: Sequence[ExperimentReport], *, link: str = "") -> list[str]:
+    """The summary table of the claims report (markdown lines): experiment, claim,
+    verdict. ``link`` prefixes the anchors (e.g. the report's path from the README)."""
+    lines = ["| experiment | claim | verdict |", "|---|---|---|"]
+    for r in reports:
+        lines.append(f"| [{r.title}]({link}#{r.experiment}) | {r.claim} | **{r.verdict.label}** |")
+    return lines
 
 
 def claims_report(
@@ -334,15 +604,24 @@ def claims_report(
     machine: str = "",
     relative_to: str | Path | None = None,
 ) -> Path:
-    """Write the markdown claims report: claim, source, setting, numbers, verdict, figure."""
+    """Write the markdown claims report: claim, source, setting, numbers, verdict, figure.
+
+    Written atomically. Every experiment's section says which seeds were reused
+    from cache, and its table header names the interval only where there is one.
+    """
     path = Path(path)
     base = Path(relative_to) if relative_to is not None else path.parent
     lines = ["# Claims report", ""]
     if machine:
         lines += [f"Measured on: {machine}.", ""]
-    lines += ["| experiment | claim | verdict |", "|---|---|---|"]
-    for r in reports:
-        lines.append(f"| [{r.title}](#{r.experiment}) | {r.claim} | **{r.verdict.label}** |")
+    lines += claims_table(reports)
+    lines += [
+        "",
+        "Intervals are t-based 95% confidence intervals over seeds. Where a t-interval "
+        "leaves the values a quantity can take (below 0 for a positive quantity, outside "
+        "[-1, 1] for a cosine) it is cut to them (marked *): intersecting a confidence "
+        "interval with the possible values keeps its coverage.",
+    ]
     for r in reports:
         lines += [
             "",
@@ -352,14 +631,14 @@ def claims_report(
             f"- **Claim.** {r.claim}",
             f"- **Source.** {r.source}",
             f"- **Setting.** {r.setting} Scale `{r.scale}`, seeds {r.seeds}, device {r.device}, "
-            f"{r.seconds:.1f} s.",
+            f"{r.seconds:.1f} s wall clock, {r.cpu_seconds:.1f} s CPU. {provenance(r)}",
             f"- **Verdict: {r.verdict.label}.** {r.verdict.statement}",
             "",
-            "| quantity | mean [95% CI over seeds] |",
+            f"| quantity | {ci_header(r.stats.values())} |",
             "|---|---|",
         ]
         for k, s in r.stats.items():
-            lines.append(f"| {k} | {s.fmt(4)} |")
+            lines.append(f"| {k} | {format_stat(s)} |")
         for fig in r.figures:
             if fig.endswith(".png"):
                 rel = (
@@ -368,9 +647,7 @@ def claims_report(
                     else Path(fig)
                 )
                 lines += ["", f"![{r.title}]({rel.as_posix()})"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return _write_text(path, "\n".join(lines) + "\n")
 
 
 def _within(p: str | Path, base: Path) -> bool:

@@ -33,6 +33,7 @@ number of runs).
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass
 
@@ -221,4 +222,5 @@ EXPERIMENT = Experiment(
     decide=decide,
     plot=_plot,
     setting=_setting,
+    bounds={"ratio_*": (0.0, math.inf), "sgd_drift_ratio": (0.0, math.inf)},
 )

@@ -25,6 +25,7 @@ the tail, and the orthogonal part has decayed below ``REL_TOL`` times the amplit
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass
 
@@ -193,4 +194,10 @@ EXPERIMENT = Experiment(
     decide=decide,
     plot=_plot,
     setting=_setting,
+    bounds={
+        "amplitude@*": (0.0, math.inf),
+        "predicted@*": (0.0, math.inf),
+        "max_rel_*": (0.0, math.inf),
+        "min_flip_fraction": (0.0, 1.0),
+    },
 )

@@ -21,7 +21,7 @@ def plot(report, out_dir: str | Path) -> list[Path]:
     noises = run0.series["noises"]
     a_show = 1.0 if 1.0 in noises else noises[-1]
     t = np.array(run0.series["time"])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.0), layout="constrained")
     for ax, kind in zip(axes[:2], ("nop", "op")):
         for m, (label, color) in _STYLE.items():
             ax.semilogy(t, run0.series[f"{kind}_{m}@{a_show:g}"], color=color, label=label)
@@ -30,13 +30,15 @@ def plot(report, out_dir: str | Path) -> list[Path]:
         )
         ax.legend(fontsize=8)
     ax = axes[2]
-    for kind, ls in (("nop", "-"), ("op", "--")):
+    # NOP and OP differ by marker shape and fill as well as by line style
+    for kind, ls, marker, fill in (("nop", "-", "o", None), ("op", "--", "s", "white")):
         for m, (label, color) in _STYLE.items():
             ys = [report.stats[f"ratio_{kind}_{m}@{a:g}"].mean for a in noises]
             ax.semilogy(
-                noises, ys, ls, marker="o", color=color, ms=4, label=f"{kind.upper()} {label}"
-            )
+                noises, ys, ls=ls, marker=marker, color=color, ms=5, mfc=fill or color,
+                label=f"{kind.upper()} {label}",
+            )  # fmt: skip
     ax.set(xlabel="noise a", ylabel="|B_T| / |B_0|", title="after the run")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncols=2)
     fig.suptitle(f"Balancedness on the paper's toys: {report.verdict.label}")
     return save_figure(fig, out_dir, "balance_toys")

@@ -18,7 +18,7 @@ def plot(report, out_dir: str | Path) -> list[Path]:
     """Left: mean |B_l| / |B_l(0)| over training at the smallest and largest depth
     (first seed). Right: balancing rate relative to D = 1 against D, SAM and nBAR,
     mean and 95% CI over seeds, with 1/sqrt(D) and 1/D for reference."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.0), layout="constrained")
     run0 = report.runs[0]
     depths = run0.series["depths"]
     every = run0.series["record_every"]

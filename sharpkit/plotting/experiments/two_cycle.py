@@ -15,7 +15,7 @@ __all__ = ["plot"]
 def plot(report, out_dir: str | Path) -> list[Path]:
     """Left: w_t . v1 over the last steps (first seed) with the predicted +-amplitude.
     Right: measured against predicted amplitude, every seed and eta*lambda."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.0), layout="constrained")
     run0 = report.runs[0]
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(run0.series["eta_lambda"])))
     for c, eta_lam, proj in zip(colors, run0.series["eta_lambda"], run0.series["proj_tail"]):
@@ -25,7 +25,8 @@ def plot(report, out_dir: str | Path) -> list[Path]:
         ax1.axhline(pred, color=c, ls="--", lw=0.8)
         ax1.axhline(-pred, color=c, ls="--", lw=0.8)
     ax1.set(xlabel="step (last 20)", ylabel="w . v1", title="iterate along the top eigenvector")
-    ax1.legend(fontsize=7)
+    # below the axes: the cycle fills the whole height of the panel
+    ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=4)
     meas, pred = [], []
     for r in report.runs:
         for eta_lam in r.series["eta_lambda"]:

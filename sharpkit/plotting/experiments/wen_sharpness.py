@@ -11,25 +11,29 @@ from .._save import save_figure
 
 __all__ = ["plot"]
 
+_LINES = (
+    ("cos_lam", "with -P grad lambda_1", "tab:blue", "o", "-"),
+    ("cos_tr", "with -P grad tr(H)", "tab:orange", "s", "--"),
+    ("baseline", "baseline: between the two", "tab:gray", None, ":"),
+)
+
 
 def plot(report, out_dir: str | Path) -> list[Path]:
-    """Relative reduction of lambda_max and tr(H) against GD, per method (mean and 95% CI
-    over seeds, seeds as dots)."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    keys = [("lam_cut_full", "lam_cut_one"), ("tr_cut_full", "tr_cut_one")]
-    labels = ["lambda_max", "tr(H)"]
-    width = 0.35
-    for j, (method, color) in enumerate((("full-batch SAM", "C0"), ("1-SAM", "C1"))):
-        for i, pair in enumerate(keys):
-            s = report.stats[pair[j]]
-            xpos = i + (j - 0.5) * width
-            err = [[100 * (s.mean - s.ci_low)], [100 * (s.ci_high - s.mean)]] if s.has_ci else None
-            ax.bar(xpos, 100 * s.mean, width, yerr=err, color=color, alpha=0.8,
-                   label=method if i == 0 else None, capsize=4)  # fmt: skip
-            vals = np.array(s.values) * 100
-            ax.plot(np.full(len(vals), xpos), vals, "k.", ms=4)
-    ax.axhline(0, color="k", lw=0.6)
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set(ylabel="reduction vs GD (%)", title=f"Wen et al.: {report.verdict.label}")
-    ax.legend()
+    """Per window, the cosine of the drift with each projected gradient and the
+    baseline cosine between them, for full SAM (left) and 1-SAM (right): every seed
+    thin, the mean over seeds thick."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.0), sharey=True, layout="constrained")
+    window = report.runs[0].series["window"]
+    for ax, (method, title) in zip(axes, (("full", "full-batch SAM"), ("one", "1-SAM"))):
+        for key, label, color, marker, ls in _LINES:
+            rows = np.array([r.series[f"{key}_{method}"] for r in report.runs])
+            steps = window * np.arange(1, rows.shape[1] + 1)
+            for row in rows:
+                ax.plot(steps, row, color=color, lw=0.6, alpha=0.35, ls=ls)
+            ax.plot(steps, rows.mean(0), color=color, lw=2, ls=ls, marker=marker, label=label)
+        ax.set(xlabel="step (end of window)", title=f"{title}: drift of the tangent part")
+        ax.axhline(0, color="k", lw=0.5)
+    axes[0].set_ylabel("cosine")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"Wen et al., drift direction ({len(report.runs)} seeds): {report.verdict.label}")
     return save_figure(fig, out_dir, "wen_sharpness")
