@@ -36,15 +36,12 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from sharpkit.optim import SAM
-from sharpkit.optim.delta_sam import (
-    DeltaSAM,
-    UniformWeights,
+from sharpkit.optim import MSAM, SAM, DeltaSAM, UniformWeights
+from sharpkit.per_example import (
     per_example_gradients,
     per_instance_target,
     perturbation_cosine,
 )
-from sharpkit.optim.msam import MSAM
 
 F64 = torch.float64
 
@@ -52,7 +49,7 @@ F64 = torch.float64
 # ## 1. mSAM: how the batch is handed over
 #
 # mSAM must cut the batch into micro-batches, so instead of a closure it takes
-# sharpkit's batch loss and the batch: `opt.step(loss_fn, batch)`, where
+# sharpkit's batch loss and the batch: `opt.step(loss_fn=loss_fn, batch=batch)`, where
 # `loss_fn(model, micro_batch)` returns a micro-batch's **mean** loss (a plain
 # `nn.CrossEntropyLoss()` means `(inputs, targets)` batches). The update is
 #
@@ -91,7 +88,7 @@ for path in ("vectorised", "sequential"):
                       model=models[path], path=path, lr=0.1, momentum=0.9)  # fmt: skip
 for _ in range(5):
     for path in opts:
-        opts[path].step(ce, batch)
+        opts[path].step(loss_fn=ce, batch=batch)
 diff = max(
     (a - b).abs().max().item()
     for a, b in zip(models["vectorised"].parameters(), models["sequential"].parameters())
@@ -115,7 +112,7 @@ def closure():
 
 
 for _ in range(3):
-    msam1.step(ce, batch)
+    msam1.step(loss_fn=ce, batch=batch)
     sam.step(closure)
 print(
     "m = 1 equals SAM bit for bit:",
@@ -156,7 +153,7 @@ for path in ("vectorised", "sequential"):
     mm = make_mlp()
     o = MSAM(mm.parameters(), torch.optim.SGD, rho=0.05, micro_batches=8, model=mm, path=path,
              lr=0.01)  # fmt: skip
-    timings[f"mSAM m=8 {path}"] = time_steps(lambda o=o: o.step(ce, batch))
+    timings[f"mSAM m=8 {path}"] = time_steps(lambda o=o: o.step(loss_fn=ce, batch=batch))
 for k, v in timings.items():
     print(f"{k:24s} {v:6.2f} ms/step  ({v / timings['SAM']:.2f}x SAM)")
 
@@ -211,7 +208,7 @@ for _ in range(200):
 b64 = (x_all[:64], y_noisy[:64])
 
 opt = DeltaSAM(net.parameters(), torch.optim.SGD, rho=0.05, model=net, mode="exact", lr=0.0)
-opt.step(per_example_ce, b64)  # lr = 0: only look at the statistics and weights
+opt.step(loss_fn=per_example_ce, batch=b64)  # lr = 0: only look at the statistics and weights
 stats, lam = opt.last_stats, opt.last_weights
 noisy = (y_noisy[:64] != y_all[:64]).numpy()
 
@@ -241,7 +238,7 @@ plt.show()
 # %%
 def cosine_for(b, g_pi, g_clean, **kw):
     o = DeltaSAM(net.parameters(), torch.optim.SGD, rho=0.05, model=net, lr=0.0, **kw)
-    o.step(per_example_ce, b)  # lr = 0: the weights stay, G is left in .grad
+    o.step(loss_fn=per_example_ce, batch=b)  # lr = 0: the weights stay, G is left in .grad
     return perturbation_cosine([p.grad for p in net.parameters()], g_pi, g_clean)
 
 
@@ -303,7 +300,7 @@ rel_err = []
 for K in Ks:
     o = DeltaSAM(net.parameters(), torch.optim.SGD, rho=0.05, model=net, mode="forward-only",
                  probes=K, probe_radius=1e-6, lr=0.0)  # fmt: skip
-    o.step(per_example_ce, b64)
+    o.step(loss_fn=per_example_ce, batch=b64)
     rel_err.append((o.last_stats.sq_norms / sq_exact - 1).pow(2).mean().sqrt().item())
 fig, ax = plt.subplots(figsize=(5, 3.4))
 ax.loglog(Ks, rel_err, "o-", label="measured (RMS over examples)")

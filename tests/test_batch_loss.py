@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from sharpkit.curvature import HessianOperator
-from sharpkit.optim.delta_sam import DeltaSAM, per_example_gradients
-from sharpkit.optim.msam import MSAM
+from sharpkit.optim import MSAM, DeltaSAM
+from sharpkit.per_example import per_example_gradients
 from sharpkit.sharpness import worst_case_sharpness
 from sharpkit.testing import dense_hessian
 
@@ -37,7 +37,7 @@ def test_mean_loss_apis_refuse_other_reductions(bad: str) -> None:
         "worst_case_sharpness": lambda: worst_case_sharpness(model, loss, batch, 0.05),
         "MSAM.step": lambda: MSAM(
             model.parameters(), torch.optim.SGD, model=model, lr=0.1, micro_batches=2
-        ).step(loss, batch),
+        ).step(loss_fn=loss, batch=batch),
     }
     before = [p.detach().clone() for p in model.parameters()]
     for name, call in calls.items():
@@ -52,7 +52,10 @@ def test_per_example_apis_refuse_other_reductions(bad: str) -> None:
     model, batch = _setup()
     loss = nn.CrossEntropyLoss(reduction=bad)
     opt = DeltaSAM(model.parameters(), torch.optim.SGD, model=model, lr=0.1)
-    for call in (lambda: opt.step(loss, batch), lambda: per_example_gradients(model, loss, batch)):
+    for call in (
+        lambda: opt.step(loss_fn=loss, batch=batch),
+        lambda: per_example_gradients(model, loss, batch),
+    ):
         with pytest.raises(ValueError, match=rf"reduction='{bad}'.*needs reduction='none'"):
             call()
 
@@ -62,4 +65,5 @@ def test_matching_reductions_and_plain_callables_pass() -> None:
     HessianOperator(model, nn.CrossEntropyLoss(), batch)
     HessianOperator(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), batch)
     opt = DeltaSAM(model.parameters(), torch.optim.SGD, model=model, lr=0.1)
-    assert opt.step(nn.CrossEntropyLoss(reduction="none"), batch).shape == (8,)
+    assert opt.step(loss_fn=nn.CrossEntropyLoss(reduction="none"), batch=batch).shape == ()
+    assert opt.last_losses.shape == (8,)

@@ -39,16 +39,12 @@ import torch
 from torch import nn
 
 from sharpkit._device import resolve_device
-from sharpkit.optim import SAM
-from sharpkit.optim.delta_sam import (
-    DeltaSAM,
-    InverseNormWeights,
-    UniformWeights,
+from sharpkit.optim import MSAM, SAM, DeltaSAM, InverseNormWeights, UniformWeights
+from sharpkit.per_example import (
     per_example_gradients,
     per_instance_target,
     perturbation_cosine,
 )
-from sharpkit.optim.msam import MSAM
 
 from .harness import Case, compare, machine_info, write_table
 
@@ -125,7 +121,7 @@ def quality(seeds: int, batches: int) -> dict[str, dict[str, list[float]]]:
                         # lr = 0: the step leaves the weights alone and G in .grad
                         opt = DeltaSAM(model.parameters(), torch.optim.SGD, rho=RHO, model=model,
                                        lr=0.0, seed=100 * b + seed, **kw)  # fmt: skip
-                        opt.step(per_example_ce, batch)
+                        opt.step(loss_fn=per_example_ce, batch=batch)
                         G = [p.grad for p in model.parameters()]
                         per_seed[name].append(perturbation_cosine(G, g_pi, g))
                 for name in methods:
@@ -196,7 +192,11 @@ def timing_cases(
             opt = MSAM(trainable(m), torch.optim.SGD, rho=0.05, micro_batches=mb, model=m,
                        path=path, **kw)  # fmt: skip
             cases.append(
-                Case(f"mSAM m={mb} {path}", lambda o=opt: o.step(mean_loss, batch), group=name)
+                Case(
+                    f"mSAM m={mb} {path}",
+                    lambda o=opt: o.step(loss_fn=mean_loss, batch=batch),
+                    group=name,
+                )
             )
     for mode, probes in (("forward-only", 1), ("forward-only", 2), ("forward-only", 4),
                          ("probe", 4), ("exact", 1)):  # fmt: skip
@@ -204,7 +204,9 @@ def timing_cases(
         opt = DeltaSAM(trainable(m), torch.optim.SGD, rho=0.05, model=m, mode=mode,
                        probes=probes, **kw)  # fmt: skip
         label = f"delta-SAM {mode}" + ("" if mode == "exact" else f" K={probes}")
-        cases.append(Case(label, lambda o=opt: o.step(per_example, batch), group=name))
+        cases.append(
+            Case(label, lambda o=opt: o.step(loss_fn=per_example, batch=batch), group=name)
+        )
     cases += floor_cases(name, factory(), batch, per_example, kw)
     return cases
 

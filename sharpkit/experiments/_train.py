@@ -1,10 +1,9 @@
 """One training step with any optimizer the experiments compare.
 
-The SAM family differs in how a step is driven: torch optimizers step after a
-``backward()``, two-pass SAM-type optimizers take a closure, and mSAM/delta-SAM
-take the loss function and the batch (they must split it or see one loss per
-example). :func:`train_step` hides that behind the batch-loss convention
-``loss_fn(model, batch)`` of :mod:`sharpkit._batch`.
+Every sharpkit optimizer built with ``model=`` takes ``step(loss_fn=...,
+batch=...)`` (the batch-loss convention ``loss_fn(model, batch)`` of
+:mod:`sharpkit._batch`); without a model, sharpkit optimizers and plain
+``torch.optim`` ones alike take ``step(closure)``.
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from sharpkit.optim import MSAM, DeltaSAM, SAMBase
 
 __all__ = ["train_step"]
 
@@ -28,11 +25,11 @@ def train_step(
 ) -> None:
     """One step of ``opt`` on ``batch``.
 
-    ``loss_fn(model, batch)`` returns the mean loss, except for
-    :class:`~sharpkit.optim.DeltaSAM`, which needs one loss per example.
+    ``loss_fn(model, batch)`` returns the mean loss, or one loss per example for
+    :class:`~sharpkit.optim.DeltaSAM` (which needs them).
     """
-    if isinstance(opt, (MSAM, DeltaSAM)):
-        opt.step(loss_fn, batch)
+    if getattr(opt, "model", None) is not None:
+        opt.step(loss_fn=loss_fn, batch=batch)
         return
 
     def closure() -> torch.Tensor:
@@ -40,9 +37,5 @@ def train_step(
         loss.backward()
         return loss
 
-    if isinstance(opt, SAMBase):
-        opt.step(closure)
-    else:
-        opt.zero_grad(set_to_none=True)
-        closure()
-        opt.step()
+    opt.zero_grad(set_to_none=True)  # torch.optim's closure contract; sharpkit's zeroes too
+    opt.step(closure)

@@ -11,10 +11,10 @@ this should help under label noise.
 **Setting.** Scikit-learn's digits with a fraction ``p`` of training labels
 corrupted (:func:`sharpkit.data.load_digits`), a small tanh MLP in float64.
 (a) *Approximation*: after ``warm_epochs`` of SGD on the noisy data, on
-``batches`` mini-batches: :math:`\cos(G - g, G_{PI} - g)` (:func:`~sharpkit.optim.delta_sam.perturbation_cosine`;
+``batches`` mini-batches: :math:`\cos(G - g, G_{PI} - g)` (:func:`~sharpkit.per_example.perturbation_cosine`;
 the part of the update the perturbation changes, :math:`g` the clean gradient)
 for SAM (uniform weights) and delta-SAM (exact statistics, default temperature),
-:math:`G_{PI}` exact (:func:`~sharpkit.optim.delta_sam.per_instance_target`).
+:math:`G_{PI}` exact (:func:`~sharpkit.per_example.per_instance_target`).
 (b) *Training*: SGD, SAM and delta-SAM from the same start and batches for
 ``epochs``; test accuracy (clean test labels).
 
@@ -36,9 +36,8 @@ import torch
 from torch import nn
 
 from sharpkit.data import load_digits
-from sharpkit.optim import SAM, DeltaSAM
-from sharpkit.optim.delta_sam import (
-    UniformWeights,
+from sharpkit.optim import SAM, DeltaSAM, UniformWeights
+from sharpkit.per_example import (
     per_example_gradients,
     per_instance_target,
     perturbation_cosine,
@@ -123,7 +122,7 @@ def _cosine(model: nn.Module, batch, g_pi, g_clean, cfg, **kw) -> float:
     saved = [p.detach().clone() for p in model.parameters()]
     opt = DeltaSAM(model.parameters(), torch.optim.SGD, rho=cfg.rho, model=model, mode="exact",
                    lr=0.0, **kw)  # fmt: skip
-    opt.step(_per_example_ce, batch)  # lr = 0: weights stay, G is left in .grad
+    opt.step(loss_fn=_per_example_ce, batch=batch)  # lr = 0: weights stay, G is left in .grad
     cos = perturbation_cosine([p.grad for p in model.parameters()], g_pi, g_clean)
     with torch.no_grad():
         for p, s in zip(model.parameters(), saved):

@@ -1,14 +1,26 @@
-"""The SAM family as ``torch.optim`` optimizers.
+"""The SAM family as ``torch.optim`` optimizers, with one step contract.
 
-All share one base (:class:`~sharpkit.optim.SAMBase` for the two-pass methods,
-:class:`~sharpkit.optim.WrappedOptimizer` underneath it) and one contract,
-tested for every optimizer in ``tests/optim/test_contract.py``.
+Every optimizer here is stepped the same way,
+``opt.step(closure)`` (where a closure can drive it) or
+``opt.step(loss_fn=..., batch=...)`` (always, given ``model=``), and returns the
+mean loss at ``w``. All share one base (:class:`~sharpkit.optim.SAMBase` for the
+two-pass methods, :class:`~sharpkit.optim.WrappedOptimizer` underneath it) whose
+step runs inside one transaction: weights, buffers and optimizer state are
+restored if anything raises, and a non-finite value skips the whole step.
+:func:`sharpkit.testing.check_optimizer` checks that contract on any optimizer.
 """
 
-from ._base import BufferSnapshot, SAMBase, WrappedOptimizer, frozen_buffers
+from ._base import BufferSnapshot, Oracle, SAMBase, WrappedOptimizer, frozen_buffers
 from .asam import ASAM
 from .bar import BAR
-from .delta_sam import DeltaSAM
+from .delta_sam import (
+    DeltaSAM,
+    ExampleStats,
+    InverseNormWeights,
+    UnguardednessSoftmax,
+    UniformWeights,
+    Weighting,
+)
 from .msam import MSAM, VectorisationFallbackWarning
 from .sam import SAM
 
@@ -19,8 +31,14 @@ __all__ = [
     "SAM",
     "BufferSnapshot",
     "DeltaSAM",
+    "ExampleStats",
+    "InverseNormWeights",
+    "Oracle",
     "SAMBase",
+    "UnguardednessSoftmax",
+    "UniformWeights",
     "VectorisationFallbackWarning",
+    "Weighting",
     "WrappedOptimizer",
     "frozen_buffers",
 ]

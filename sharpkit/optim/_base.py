@@ -1,22 +1,28 @@
-"""The machinery every sharpkit optimizer shares.
+"""The machinery every sharpkit optimizer shares: one step contract, one transaction.
 
-Two layers, so that each method supplies only what is its own (DESIGN.md, the
-optax lesson):
+:class:`WrappedOptimizer` owns a *base optimizer* (any ``torch.optim`` class) and
+shares its parameter groups, so LR schedulers, ``zero_grad`` and
+``state_dict``/``load_state_dict`` behave as users of ``torch.optim`` expect. It
+also owns the **one step** of the whole SAM family,
 
-- :class:`WrappedOptimizer` owns a *base optimizer* (any ``torch.optim`` class)
-  and shares its parameter groups, so LR schedulers, ``zero_grad`` and
-  ``state_dict``/``load_state_dict`` behave as users of ``torch.optim`` expect.
-  It applies the base step with a finiteness check (a non-finite gradient skips
-  the step and leaves the weights as they were) and honours
-  :class:`torch.amp.GradScaler`.
-- :class:`SAMBase` adds the two-pass machinery of Sharpness-Aware Minimization
-  (Foret et al., 2021): evaluate the gradient at ``w``, move to ``w + e``,
-  evaluate the gradient there, restore ``w`` exactly (from a copy, not by
-  subtracting ``e``) and hand the perturbed gradient to the base step. Subclasses
-  override :meth:`SAMBase._ascent_direction` to choose ``e``.
+.. code-block:: text
 
-Both restore the weights (and, when given a model, its buffers such as BatchNorm
-running statistics) if anything raises while the weights are perturbed.
+    step(closure=None, *, loss_fn=None, batch=None) -> loss at w
+        oracle = Oracle(closure | loss_fn, batch)        # checked before any compute
+        hyperparameters checked (also after param_groups edits, schedulers, loads)
+        transaction:                                      # weights, buffers, state
+            loss = _clean_gradient(oracle)                # g at w
+            _perturbation(oracle)                         # w -> w + e (or functional)
+            _perturbed_gradient(oracle)                   # G, weights back at w
+            _guarded_base_step()                          # finite check, GradScaler
+        on exception: everything restored, exception re-raised
+        on a non-finite value: everything restored, RuntimeWarning, step skipped
+
+and :class:`SAMBase` supplies the hooks of Sharpness-Aware Minimization
+(Foret et al., 2021): gradient at ``w``, ascent ``e`` (subclasses choose it in
+:meth:`SAMBase._ascent_direction`), gradient at ``w + e``, restore ``w`` from a
+copy (never by subtracting ``e``). Each method (SAM, ASAM, mSAM, delta-SAM, BAR)
+overrides only the hooks that are its own.
 """
 
 from __future__ import annotations
@@ -31,7 +37,15 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-__all__ = ["BatchDrivenSAM", "BufferSnapshot", "SAMBase", "WrappedOptimizer", "frozen_buffers"]
+__all__ = [
+    "BatchDrivenSAM",
+    "BufferSnapshot",
+    "Oracle",
+    "SAMBase",
+    "SkipStep",
+    "WrappedOptimizer",
+    "frozen_buffers",
+]
 
 Closure = Callable[[], Any]
 
@@ -154,24 +168,198 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(device=dev, dtype=dtype) for n in norms]))
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Validate a boolean hyperparameter (``1`` or ``"yes"`` are refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def check_lr(value: Any) -> None:
+    """The base optimizer's ``lr`` must be a finite number >= 0 (tensors allowed)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"lr: expected a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = float(value)
+    check_nonneg_float("lr", value)
+
+
 # ----------------------------------------------------------------------------
-# WrappedOptimizer: own a base optimizer, share its groups
+# The oracle: what one step evaluates
 # ----------------------------------------------------------------------------
+
+
+class SkipStep(Exception):
+    """Raised by a step hook that found a non-finite value (or GradScaler's
+    ``found_inf``): the step is skipped and everything restored; ``message`` (if
+    not ``None``) is issued as a ``RuntimeWarning``."""
+
+    def __init__(self, message: str | None) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Oracle:
+    """The loss one step evaluates: a closure, or ``loss_fn(model, batch)``.
+
+    ``backward()`` zeroes the optimizer's gradients, evaluates the loss on the
+    module as it is now (at ``w`` or at ``w + e``) under ``torch.enable_grad()``
+    and leaves its gradient in ``.grad``.
+
+    - With a closure (torch.optim's contract: it computes the loss and calls
+      ``backward()``), it returns whatever the closure returned.
+    - With ``loss_fn`` and ``batch`` (sharpkit's batch-loss convention,
+      :mod:`sharpkit._batch`), ``loss_fn(model, batch)`` returns the mean loss
+      (a scalar) or, for ``reduction="none"`` optimizers, one loss per example;
+      the mean is differentiated and returned detached (``last_losses`` keeps
+      the per-example values of the latest call).
+
+    Args:
+        closure: the closure, or ``None``.
+        loss_fn: the batch loss (or an ``nn`` loss module), or ``None``.
+        batch: the batch ``loss_fn`` is evaluated on.
+        model: the module ``loss_fn`` is called with.
+        reduction: ``"mean"`` (a scalar loss) or ``"none"`` (one loss per example).
+    """
+
+    def __init__(
+        self,
+        closure: Closure | None,
+        loss_fn: Any,
+        batch: Any,
+        model: nn.Module | None,
+        reduction: str = "mean",
+    ) -> None:
+        self.closure = closure
+        self.loss_fn = loss_fn
+        self.batch = batch
+        self.model = model
+        self.reduction = reduction
+        self.last_losses: torch.Tensor | None = None
+        self.n: int | None = None
+        if loss_fn is not None:
+            from .._batch import batch_size  # local: _batch has no optim dependency
+
+            self.n = batch_size(batch)
+
+    @property
+    def is_closure(self) -> bool:
+        return self.closure is not None
+
+    def evaluate(self, where: str) -> torch.Tensor:
+        """``loss_fn(model, batch)`` with its shape checked (no backward)."""
+        out = self.loss_fn(self.model, self.batch)
+        return check_loss(out, self.reduction, self.n, where)
+
+    def backward(self, opt: Optimizer, where: str) -> Any:
+        """Zero the gradients, evaluate the loss, backpropagate its mean; return the loss."""
+        opt.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            if self.closure is not None:
+                return self.closure()
+            loss = self.evaluate(where)
+            if loss.dim() == 1:
+                self.last_losses = loss.detach()
+                loss = loss.mean()
+            loss.backward()
+        return loss.detach()
+
+
+def check_loss(loss: Any, reduction: str, n: int | None, where: str) -> torch.Tensor:
+    """Check what a batch loss returned: a scalar (``"mean"``) or shape ``(n,)`` (``"none"``)."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn: must return a tensor, got {type(loss).__name__} ({where})")
+    if reduction == "none":
+        if loss.shape != (n,):
+            raise ValueError(
+                f"loss_fn: must return one loss per example (reduction='none'), i.e. shape "
+                f"({n},) for this batch of {n}; got shape {tuple(loss.shape)} ({where})"
+            )
+    elif loss.dim() != 0:
+        raise ValueError(
+            f"loss_fn: must return the mean loss of the batch as a scalar tensor, "
+            f"got shape {tuple(loss.shape)} ({where})"
+        )
+    return loss
+
+
+# ----------------------------------------------------------------------------
+# Optimizer state snapshot (restored when a base step raises midway)
+# ----------------------------------------------------------------------------
+
+
+class _StateSnapshot:
+    """Copies of the base optimizer's per-parameter state, in reusable storage."""
+
+    def __init__(self) -> None:
+        self._keys: list[tuple[Any, dict[str, Any]]] = []
+        self._src: list[torch.Tensor] = []
+        self._dst: list[torch.Tensor] = []
+        self._present: set[int] = set()
+
+    @torch.no_grad()
+    def save(self, state: dict[Any, dict[str, Any]]) -> None:
+        src: list[torch.Tensor] = []
+        keys: list[tuple[Any, dict[str, Any]]] = []
+        for p, s in state.items():
+            plain = {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)}
+            keys.append((p, {"keys": list(s), "plain": plain}))
+            src.extend(v for v in s.values() if isinstance(v, torch.Tensor))
+        same = len(src) == len(self._src) and all(a is b for a, b in zip(src, self._src))
+        if not same:
+            self._dst = [t.detach().clone() for t in src]
+            self._src = src
+        elif src:
+            torch._foreach_copy_(self._dst, src)
+        self._keys = keys
+        self._present = {id(p) for p, _ in keys}
+
+    @torch.no_grad()
+    def restore(self, state: dict[Any, dict[str, Any]]) -> None:
+        for p in [p for p in state if id(p) not in self._present]:
+            del state[p]  # created by the failed step
+        i = 0
+        for p, info in self._keys:
+            s = state.setdefault(p, {})
+            for k in [k for k in s if k not in info["keys"]]:
+                del s[k]
+            for k in info["keys"]:
+                if k in info["plain"]:
+                    s[k] = info["plain"][k]
+                else:
+                    src, dst = self._src[i], self._dst[i]
+                    src.copy_(dst)
+                    s[k] = src
+                    i += 1
+
+
+# ----------------------------------------------------------------------------
+# WrappedOptimizer: own a base optimizer, share its groups, one step template
+# ----------------------------------------------------------------------------
+
+_META = "sharpkit"
 
 
 class WrappedOptimizer(Optimizer):
-    """An optimizer that wraps a ``torch.optim`` base optimizer.
+    """An optimizer that wraps a ``torch.optim`` base optimizer, with one step template.
 
     The wrapper and the base optimizer share the *same* parameter-group dicts and
     the same ``state`` mapping, so an LR scheduler attached to the wrapper changes
     the base optimizer's learning rate, and ``optimizer.state[p]`` shows the base
     optimizer's buffers (momentum, Adam moments). ``state_dict()`` is the base
     optimizer's state dict (its groups include the wrapper's own hyperparameters,
-    such as ``rho``); ``load_state_dict`` restores it and re-links the shared
-    groups, so a resumed run steps exactly as an uninterrupted one.
+    such as ``rho``) plus a ``"sharpkit"`` entry naming the optimizer and its base;
+    ``load_state_dict`` refuses a state dict of another optimizer type, of another
+    base optimizer or of a plain ``torch.optim`` optimizer (``ValueError``), then
+    restores it and re-links the shared groups, so a resumed run steps exactly as
+    an uninterrupted one.
 
-    Subclasses set ``defaults`` for their own hyperparameters, validate them in
-    :meth:`_validate_group` and implement ``step``.
+    :meth:`step` is the template described in :mod:`sharpkit.optim._base`;
+    subclasses set ``defaults`` for their own hyperparameters, validate them in
+    :meth:`_validate_group` (run at construction, on ``add_param_group``, on
+    ``load_state_dict`` and at the start of every step, so values changed later
+    through ``param_groups`` or a scheduler are checked before any compute) and
+    override the hooks they need.
 
     Args:
         params: iterable of parameters or of parameter-group dicts.
@@ -179,13 +367,20 @@ class WrappedOptimizer(Optimizer):
             ``torch.optim.SGD``; it is called as ``base_optimizer(groups, **base_kwargs)``.
         defaults: the wrapper's own hyperparameters and their defaults.
         base_kwargs: keyword arguments for the base optimizer (``lr``, ``momentum``...).
-        model: optional module whose buffers the wrapper may snapshot (see
-            :class:`SAMBase`).
+        model: optional module whose buffers (BatchNorm running statistics) the
+            step's transaction saves and restores, and which ``loss_fn`` is called with.
     """
 
     #: GradScaler hands ``grad_scale``/``found_inf`` to ``step()`` instead of
     #: skipping it, so that SAM can always restore the unperturbed weights.
     _step_supports_amp_scaling = True
+    #: whether ``step(closure)`` is accepted (methods that must see the batch say no)
+    _accepts_closure = True
+    #: the reduction ``loss_fn`` must have: ``"mean"`` or ``"none"``
+    _loss_reduction = "mean"
+    #: whether ``step()`` with neither closure nor loss_fn applies the gradients
+    #: already in ``.grad`` (one-pass methods, as torch.optim does)
+    _steps_on_existing_grads = False
 
     def __init__(
         self,
@@ -208,6 +403,12 @@ class WrappedOptimizer(Optimizer):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module or None, got {type(model).__name__}")
         self._wrapper_ready = False
+        self._in_step = False
+        self._backup: list[torch.Tensor] = []
+        self._backup_params: list[torch.Tensor] = []
+        self._weights_saved = False
+        self._state_snapshot = _StateSnapshot()
+        self._state_saved = False
         super().__init__(params, defaults)
         try:
             base = base_optimizer(self.param_groups, **base_kwargs)
@@ -233,12 +434,27 @@ class WrappedOptimizer(Optimizer):
         self.state = base.state
         self.defaults.update(base.defaults)
         self.model = model
+        # buffers before the step, put back if it raises or is skipped
+        self._pre_step_buffers = BufferSnapshot(model) if model is not None else None
         self._wrapper_ready = True
 
     # -- groups ---------------------------------------------------------------
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Validate (and normalise in place) the wrapper's keys of one group."""
+
+    def check_hyperparameters(self) -> None:
+        """Validate every group's hyperparameters as they are now; ``ValueError``
+        (or ``TypeError``) naming the argument if one is out of range.
+
+        Called at the start of every step, before any compute, so a value set
+        through ``param_groups``, a scheduler or ``load_state_dict`` is checked
+        as a constructor argument is.
+        """
+        for group in self.param_groups:
+            self._validate_group(group)
+            if "lr" in group:
+                check_lr(group["lr"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key, default in self.defaults.items():
@@ -256,16 +472,67 @@ class WrappedOptimizer(Optimizer):
     # -- state dict -----------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return self.base_optimizer.state_dict()
+        sd = dict(self.base_optimizer.state_dict())
+        sd[_META] = {
+            "optimizer": type(self).__name__,
+            "base_optimizer": type(self.base_optimizer).__name__,
+        }
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_not_mid_step("load_state_dict")
-        saved_groups = state_dict.get("param_groups", [])
-        for group in saved_groups:
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(
+                f"state_dict: expected an optimizer state dict with 'state' and "
+                f"'param_groups' (from {name}.state_dict()), got "
+                f"{type(state_dict).__name__}"
+                + (
+                    f" with keys {sorted(map(str, state_dict))[:8]}"
+                    if isinstance(state_dict, dict)
+                    else ""
+                )
+            )
+        state_dict = dict(state_dict)
+        meta = state_dict.pop(_META, None)
+        base_name = type(self.base_optimizer).__name__
+        if meta is not None:
+            if not isinstance(meta, dict) or meta.get("optimizer") != name:
+                saved = meta.get("optimizer") if isinstance(meta, dict) else meta
+                raise ValueError(
+                    f"state_dict: saved by {saved}, cannot be loaded into {name} "
+                    "(its hyperparameters and state mean something else)"
+                )
+            if meta.get("base_optimizer") != base_name:
+                raise ValueError(
+                    f"state_dict: saved with base optimizer {meta.get('base_optimizer')}, "
+                    f"this {name} wraps {base_name}"
+                )
+        groups = state_dict["param_groups"]
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict: has {len(groups) if isinstance(groups, list) else groups!r} "
+                f"parameter groups, this optimizer has {len(self.param_groups)}"
+            )
+        need = [*self._own_keys(), *self.base_optimizer.defaults]
+        for i, group in enumerate(groups):
+            missing = [k for k in need if k not in group]
+            if missing:
+                raise ValueError(
+                    f"state_dict: parameter group {i} lacks {missing}; it was not saved by "
+                    f"{name}({base_name}) (a plain torch.optim state dict, or another "
+                    "optimizer's)"
+                )
             self._validate_group(dict(group))
+            if "lr" in group:
+                check_lr(group["lr"])
+        self._check_loaded_state_dict(state_dict)
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+
+    def _check_loaded_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Hook: pop and check the subclass's own entries (before anything changes)."""
 
     def _check_not_mid_step(self, what: str) -> None:
         """Hook: refuse operations that would be wrong while weights are perturbed."""
@@ -299,8 +566,212 @@ class WrappedOptimizer(Optimizer):
                 "the closure must compute the loss and call loss.backward()"
             )
 
+    def _scratch(self, key: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Reusable uninitialised tensors shaped like ``like`` (kept between steps)."""
+        store = self.__dict__.setdefault("_scratch_store", {})
+        bufs = store.get(key)
+        if (
+            bufs is None
+            or len(bufs) != len(like)
+            or any(
+                b.shape != t.shape or b.dtype != t.dtype or b.device != t.device
+                for b, t in zip(bufs, like)
+            )
+        ):
+            bufs = [torch.empty_like(t) for t in like]
+            store[key] = bufs
+        return bufs
+
+    # -- the transaction: weights, buffers, optimizer state ------------------------
+
     @torch.no_grad()
-    def _base_step(self) -> bool:
+    def _save_weights(self, params: list[torch.Tensor]) -> None:
+        """Copy ``params`` (the weights at ``w``) into the reusable backup."""
+        same = len(self._backup_params) == len(params) and all(
+            a is b for a, b in zip(self._backup_params, params)
+        )
+        if same:
+            torch._foreach_copy_(self._backup, params)
+        else:
+            self._backup = [p.detach().clone() for p in params]
+            self._backup_params = list(params)
+        self._weights_saved = True
+
+    @torch.no_grad()
+    def _load_weights(self) -> None:
+        """Put the saved weights back (exactly: a copy, not an undo)."""
+        if self._weights_saved and self._backup_params:
+            torch._foreach_copy_(self._backup_params, self._backup)
+
+    def _begin(self) -> None:
+        self._in_step = True
+        self._step_loss: Any = None
+        self._weights_saved = False
+        self._state_saved = False
+        if self._pre_step_buffers is not None:
+            self._pre_step_buffers.save()
+        self._extra_snapshot = self._save_extra()
+
+    def _rollback(self) -> None:
+        """Restore weights, buffers, optimizer state and extra state as before the step."""
+        self._restore_perturbation()
+        self._load_weights()
+        if self._pre_step_buffers is not None:
+            self._pre_step_buffers.restore()
+        if self._state_saved:
+            self._state_snapshot.restore(self.state)
+        self._restore_extra(self._extra_snapshot)
+
+    def _end(self) -> None:
+        self._in_step = False
+        self._weights_saved = False
+        self._state_saved = False
+        self._extra_snapshot = None
+
+    def _save_extra(self) -> Any:
+        """Hook: snapshot extra mutable state (a random generator...) at the step's start."""
+        return None
+
+    def _restore_extra(self, saved: Any) -> None:
+        """Hook: put back what :meth:`_save_extra` returned."""
+
+    def _restore_perturbation(self) -> None:
+        """Hook: leave any perturbed state (SAM's flag) before the weights are restored."""
+
+    # -- the step template ----------------------------------------------------------
+
+    def _oracle(self, closure: Any, loss_fn: Any, batch: Any) -> Oracle | None:
+        """Check the step's arguments (before any compute) and build the oracle."""
+        name = type(self).__name__
+        if closure is not None and (loss_fn is not None or batch is not None):
+            raise TypeError(f"{name}.step(): pass either closure or loss_fn and batch, not both")
+        if closure is not None:
+            if not self._accepts_closure:
+                raise TypeError(
+                    f"{name}.step(): closure is not accepted ({self._why_no_closure()}); "
+                    "call step(loss_fn=..., batch=...)"
+                )
+            if not callable(closure):
+                raise TypeError(f"closure: expected a callable, got {type(closure).__name__}")
+            return Oracle(closure, None, None, self.model)
+        if loss_fn is None and batch is None:
+            return None
+        if loss_fn is None or batch is None:
+            missing = "loss_fn" if loss_fn is None else "batch"
+            raise TypeError(f"{name}.step(): {missing} is required with the other")
+        if self.model is None:
+            raise TypeError(
+                f"model: {name}.step(loss_fn=..., batch=...) calls loss_fn(model, batch), so "
+                f"pass the module as {name}(..., model=...)"
+            )
+        from .._batch import as_batch_loss
+
+        fn = as_batch_loss(loss_fn, reduction=self._loss_reduction)
+        if not callable(fn):
+            raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        return Oracle(None, fn, batch, self.model, self._loss_reduction)
+
+    def _why_no_closure(self) -> str:
+        return "it needs the batch"
+
+    def _no_oracle(self) -> None:
+        """``step()`` without closure or loss_fn: the default refuses."""
+        name = type(self).__name__
+        raise TypeError(
+            f"{name}.step(): closure is required (a function that computes the loss and "
+            "calls loss.backward()), or loss_fn=... and batch=..."
+        )
+
+    def step(  # type: ignore[override]
+        self, closure: Closure | None = None, *, loss_fn: Any = None, batch: Any = None
+    ) -> Any:
+        """One update of the method; returns the loss at ``w``.
+
+        Args:
+            closure: computes the loss and calls ``backward()`` (torch.optim's
+                contract); the step zeroes the gradients before each call.
+            loss_fn: ``loss_fn(model, batch)`` returning the mean loss (or one loss
+                per example where the method needs them); an ``nn`` loss module
+                means ``(inputs, targets)`` batches. Needs ``model=`` at construction.
+            batch: the batch ``loss_fn`` is evaluated on.
+
+        Returns:
+            The loss at ``w``: with a closure, what its first call returned; with
+            ``loss_fn``/``batch``, the mean loss as a detached 0-d tensor. A skipped
+            step (non-finite value) returns it too.
+        """
+        oracle = self._oracle(closure, loss_fn, batch)
+        if oracle is None and not self._steps_on_existing_grads:
+            return self._no_oracle()
+        self._check_not_mid_step("step")
+        self.check_hyperparameters()
+        return self._transaction(oracle)
+
+    def _transaction(self, oracle: Oracle | None) -> Any:
+        self._begin()
+        loss: Any = None
+        try:
+            try:
+                loss = self._run(oracle)
+                if not self._guarded_base_step():
+                    self._rollback()  # skipped: the buffers of the clean pass go too
+                    return loss
+            except SkipStep as skip:
+                self._rollback()
+                if skip.message:
+                    warnings.warn(
+                        f"{type(self).__name__}: {skip.message}; the step was skipped and "
+                        "the weights are unchanged",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                return self._step_loss
+            self._committed()
+            return loss
+        except BaseException:
+            self._rollback()
+            raise
+        finally:
+            self._end()
+
+    def _run(self, oracle: Oracle | None) -> Any:
+        """Clean gradient, perturbation, perturbed gradient; the loss at ``w``."""
+        loss = self._clean_gradient(oracle)
+        self._step_loss = loss
+        self._perturbation(oracle)
+        self._perturbed_gradient(oracle)
+        return loss
+
+    # hooks ---------------------------------------------------------------------------
+
+    def _clean_gradient(self, oracle: Oracle | None) -> Any:
+        """Leave ``g = grad L(w)`` in ``.grad``; return the loss at ``w``."""
+        assert oracle is not None
+        loss = oracle.backward(self, "at w")
+        self._require_grads("calling the closure at w" if oracle.is_closure else "loss_fn at w")
+        return loss
+
+    def _perturbation(self, oracle: Oracle | None) -> None:
+        """Move to ``w + e`` (default: no perturbation). Raise :class:`SkipStep` on a
+        non-finite value at ``w``."""
+
+    def _perturbed_gradient(self, oracle: Oracle | None) -> None:
+        """Leave the gradient the base step applies in ``.grad``, with the weights at ``w``."""
+
+    def _committed(self) -> None:
+        """Hook: the step was taken (advance counters)."""
+
+    def _guarded_base_step(self) -> bool:
+        """The base step inside the transaction: weights and state saved first, so a
+        base step that raises midway is undone exactly. ``False`` if skipped."""
+        if not self._weights_saved:
+            self._save_weights([p for _, ps in self._params_with_grad() for p in ps])
+        self._state_snapshot.save(self.state)
+        self._state_saved = True
+        return self._base_step()
+
+    @torch.no_grad()
+    def _base_step(self, check_finite: bool = True) -> bool:
         """Apply the base optimizer's step to the current gradients.
 
         Returns ``True`` if the step was taken. Skips it (weights untouched) when
@@ -318,12 +789,12 @@ class WrappedOptimizer(Optimizer):
             self.base_optimizer.step()
             return True
         grads = self._all_grads()
-        if grads and not bool(torch.isfinite(global_norm(grads))):
+        if check_finite and grads and not bool(torch.isfinite(global_norm(grads))):
             warnings.warn(
                 f"{type(self).__name__}: non-finite gradient; the step was skipped and "
                 "the weights are unchanged",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             return False
         self.base_optimizer.step()
@@ -336,25 +807,27 @@ class WrappedOptimizer(Optimizer):
 
 
 class SAMBase(WrappedOptimizer):
-    """Two-pass Sharpness-Aware Minimization on top of any base optimizer.
+    r"""Two-pass Sharpness-Aware Minimization on top of any base optimizer.
 
-    One update, with ``g(w)`` the gradient the closure leaves in ``.grad``:
+    One update, with ``g(w)`` the gradient of the loss at ``w``:
 
     .. math::
 
-        e = \\rho \\, d(w, g(w)) / \\|\\cdot\\|, \\qquad
-        w \\leftarrow \\mathrm{base\\_step}\\big(w,\\; g(w + e)\\big)
+        e = \rho \, d(w, g(w)) / \|\cdot\|, \qquad
+        w \leftarrow \mathrm{base\_step}\big(w,\; g(w + e)\big)
 
     where the ascent direction ``d`` is supplied by the subclass
     (:meth:`_ascent_direction`) and the gradient is *evaluated* at ``w + e`` but
     *applied* at ``w``.
 
-    Two ways to drive it:
+    Three ways to drive it:
 
-    - ``step(closure)``: the closure zeroes nothing, computes the loss and calls
-      ``backward()``; ``step`` zeroes gradients itself, evaluates the closure at
-      ``w``, perturbs, evaluates it at ``w + e``, restores ``w``, applies the base
-      step and returns the loss at ``w``.
+    - ``step(closure)``: the closure computes the loss and calls ``backward()``;
+      ``step`` zeroes gradients itself, evaluates the closure at ``w``, perturbs,
+      evaluates it at ``w + e``, restores ``w``, applies the base step and returns
+      what the first closure call returned.
+    - ``step(loss_fn=..., batch=...)`` with ``model=`` given: the same with
+      ``loss_fn(model, batch)``; returns the mean loss at ``w``, detached.
     - ``first_step()`` / ``second_step()``: the manual form (forward/backward
       before each), for gradient accumulation and mixed precision. With a
       :class:`torch.amp.GradScaler`, call ``scaler.step(optimizer)`` in place of
@@ -363,8 +836,8 @@ class SAMBase(WrappedOptimizer):
 
     If ``model`` is given, its buffers (BatchNorm running statistics) are saved
     before the perturbed pass and restored after it, so they come from the clean
-    pass only. If anything raises while the weights are perturbed, the weights and
-    buffers are restored before the exception propagates.
+    pass only. If anything raises during ``step``, the weights, buffers and the
+    base optimizer's state are restored before the exception propagates.
     """
 
     _OWN_KEYS: tuple[str, ...] = ("rho",)
@@ -378,13 +851,9 @@ class SAMBase(WrappedOptimizer):
         model: nn.Module | None = None,
     ) -> None:
         self._perturbed = False
-        self._backup: list[torch.Tensor] = []
-        self._backup_params: list[torch.Tensor] = []
         super().__init__(params, base_optimizer, defaults, base_kwargs, model=model)
-        # buffers after the clean pass (restored after the perturbed pass) and
-        # before the step (restored if the step fails)
+        # buffers after the clean pass, restored after the perturbed pass
         self._buffers = BufferSnapshot(model) if model is not None else None
-        self._pre_step_buffers = BufferSnapshot(model) if model is not None else None
 
     # -- validation -------------------------------------------------------------
 
@@ -408,7 +877,7 @@ class SAMBase(WrappedOptimizer):
 
     def _ascent_direction(
         self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]
-    ) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+    ) -> tuple[list[Any], torch.Tensor]:
         """Return, per group, the unnormalised direction ``d`` and the norm to divide by.
 
         The perturbation is ``e = rho_group * d / norm``. The default is plain SAM:
@@ -419,22 +888,6 @@ class SAMBase(WrappedOptimizer):
         grads = [[p.grad for p in ps] for _, ps in groups]
         flat = [g for gs in grads for g in gs]
         return grads, global_norm(flat)
-
-    def _scratch(self, key: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Reusable uninitialised tensors shaped like ``like`` (kept between steps)."""
-        store = self.__dict__.setdefault("_scratch_store", {})
-        bufs = store.get(key)
-        if (
-            bufs is None
-            or len(bufs) != len(like)
-            or any(
-                b.shape != t.shape or b.dtype != t.dtype or b.device != t.device
-                for b, t in zip(bufs, like)
-            )
-        ):
-            bufs = [torch.empty_like(t) for t in like]
-            store[key] = bufs
-        return bufs
 
     @torch.no_grad()
     def _perturb(self) -> bool:
@@ -462,14 +915,7 @@ class SAMBase(WrappedOptimizer):
         torch._foreach_add_(params, direction, alpha=alpha)
 
     def _save(self, params: list[torch.Tensor]) -> None:
-        same = len(self._backup_params) == len(params) and all(
-            a is b for a, b in zip(self._backup_params, params)
-        )
-        if same:
-            torch._foreach_copy_(self._backup, params)
-        else:
-            self._backup = [p.detach().clone() for p in params]
-            self._backup_params = list(params)
+        self._save_weights(params)
         if self._buffers is not None:
             self._buffers.save()
         self._perturbed = True
@@ -483,7 +929,21 @@ class SAMBase(WrappedOptimizer):
             self._buffers.restore()
         self._perturbed = False
 
-    # -- public API -------------------------------------------------------------
+    def _restore_perturbation(self) -> None:
+        self._restore()
+
+    # -- hooks of the step template ---------------------------------------------------
+
+    def _perturbation(self, oracle: Oracle | None) -> None:
+        if not self._perturb() and not bool(torch.isfinite(global_norm(self._all_grads()))):
+            raise SkipStep("non-finite gradient at w")
+
+    def _perturbed_gradient(self, oracle: Oracle | None) -> None:
+        assert oracle is not None
+        oracle.backward(self, "at w + e")
+        self._restore()
+
+    # -- the manual two-phase form ---------------------------------------------------
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -505,100 +965,58 @@ class SAMBase(WrappedOptimizer):
                 f"{type(self).__name__}.second_step() called without a preceding first_step()"
             )
         self._restore()
-        self._guarded_base_step()
+        self._state_saved = False
+        try:
+            self._guarded_base_step()
+        except BaseException:
+            self._load_weights()
+            if self._state_saved:
+                self._state_snapshot.restore(self.state)
+            raise
+        finally:
+            self._weights_saved = False
+            self._state_saved = False
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    def _guarded_base_step(self) -> bool:
-        """Base step that leaves the weights at ``w`` if it raises midway."""
-        try:
-            return self._base_step()
-        except BaseException:
-            if self._backup_params:
-                with torch.no_grad():
-                    torch._foreach_copy_(self._backup_params, self._backup)
-            raise
-
-    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
-        """One SAM update driven by ``closure``; returns the loss at ``w``.
-
-        Args:
-            closure: computes the loss and calls ``backward()``. It is called
-                twice, at ``w`` and at ``w + e``; ``step`` zeroes the gradients
-                before each call. Without a closure, ``step()`` is only valid
-                after :meth:`first_step` (it then acts as :meth:`second_step`, the
-                form :class:`torch.amp.GradScaler` uses).
-
-        Returns:
-            Whatever the first call of the closure returned.
-        """
-        if closure is None:
-            if self._perturbed:
-                self.second_step()
-                return None
-            raise TypeError(
-                f"{type(self).__name__}.step(): closure is required (a function that "
-                "computes the loss and calls loss.backward()); or drive the two passes "
-                "yourself with first_step() and second_step()"
-            )
-        if not callable(closure):
-            raise TypeError(f"closure: expected a callable, got {type(closure).__name__}")
-        self._check_not_mid_step("step")
-        if self._pre_step_buffers is not None:
-            self._pre_step_buffers.save()
-        try:
-            return self._closure_step(closure)
-        except BaseException:
-            self._restore()
-            self._undo_step_buffers()
-            raise
-
-    def _closure_step(self, closure: Closure) -> Any:
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = closure()
-        self._require_grads("calling the closure at w")
-        usable = self._perturb()
-        if not usable and not bool(torch.isfinite(global_norm(self._all_grads()))):
-            # Non-finite gradient at w: the update would be garbage. Skip it.
-            self._restore()
-            self._undo_step_buffers()
-            warnings.warn(
-                f"{type(self).__name__}: non-finite gradient at w; the step was skipped "
-                "and the weights are unchanged",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return loss
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            closure()
-        self._restore()
-        if not self._guarded_base_step():
-            self._undo_step_buffers()
-        return loss
-
-    def _undo_step_buffers(self) -> None:
-        """A skipped step leaves the buffers as they were before it."""
-        if self._pre_step_buffers is not None:
-            self._pre_step_buffers.restore()
+    def _no_oracle(self) -> Any:
+        if self._perturbed:  # GradScaler.step(opt) after first_step(): the second phase
+            self.second_step()
+            return None
+        name = type(self).__name__
+        raise TypeError(
+            f"{name}.step(): closure is required (a function that computes the loss and "
+            "calls loss.backward()), or loss_fn=... and batch=... (with model=); or drive "
+            "the two passes yourself with first_step() and second_step()"
+        )
 
 
 class BatchDrivenSAM(SAMBase):
-    """Base of SAM variants driven by ``step(loss_fn, batch)`` instead of a closure.
+    """Base of SAM variants driven by ``step(loss_fn=..., batch=...)`` only.
 
     They must see inside the batch (to split it, or to get one loss per example),
-    so the manual two-phase form ``first_step()``/``second_step()`` does not exist
-    for them; subclasses say why in ``_needs_batch``.
+    so neither a closure nor the manual two-phase form ``first_step()``/
+    ``second_step()`` can drive them; subclasses say why in ``_needs_batch``.
     """
 
     _needs_batch = "it needs the batch"
+    _accepts_closure = False
+
+    def _why_no_closure(self) -> str:
+        return self._needs_batch
 
     def first_step(self, zero_grad: bool = False) -> None:
         raise TypeError(
             f"{type(self).__name__} has no first_step()/second_step(): {self._needs_batch}; "
-            "call step(loss_fn, batch)"
+            "call step(loss_fn=..., batch=...)"
         )
 
     def second_step(self, zero_grad: bool = False) -> None:
         self.first_step()
+
+    def _no_oracle(self) -> Any:
+        name = type(self).__name__
+        raise TypeError(
+            f"{name}.step(loss_fn=..., batch=...): loss_fn and batch are required "
+            f"({self._needs_batch}; a closure cannot do that)"
+        )

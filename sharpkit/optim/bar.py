@@ -12,12 +12,17 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..balance.pairs import FactorPair, find_pairs, pairs_from
-from ..balance.rules import VARIANTS, bar_coefficient, check_schedule, schedule_factor
-from ._base import BufferSnapshot, WrappedOptimizer, check_nonneg_float
+from ..balance.rules import (
+    VARIANTS,
+    bar_coefficient,
+    bar_signs,
+    check_schedule,
+    schedule_factor,
+)
+from ._base import Oracle, SkipStep, WrappedOptimizer, check_lr, check_nonneg_float
 
 __all__ = ["BAR"]
 
-Closure = Callable[[], Any]
 _ON_MISSING = ("raise", "warn")
 
 
@@ -69,23 +74,30 @@ class BAR(WrappedOptimizer):
     ``on_missing="raise"`` raises ``ValueError`` and ``"warn"`` warns and
     degrades to the base optimizer.
 
+    Valid range: the factors must stay positive, :math:`1 - a_t\eta_t > 0`, so
+    ``mu0 * lr < 1`` is required for every group; it is checked at construction
+    and again at every step (an ``lr`` raised later by ``param_groups`` edits, a
+    scheduler or ``load_state_dict`` is refused with ``ValueError`` before any
+    compute).
+
     Cost: per step one fused ``_foreach_norm`` over the gradients (which also
-    serves the finiteness check), one host synchronisation, and one fused
-    ``_foreach_mul_`` over the factors; ``mu0 = 0`` skips the scaling and
-    reproduces the base optimizer bit for bit. A non-finite gradient skips the
-    whole step with a ``RuntimeWarning`` (weights and optimizer state untouched;
-    with ``step(closure)`` and ``model=``, the buffers, e.g. BatchNorm running
-    statistics, are put back as they were before the closure's forward pass);
+    serves the finiteness check), one host synchronisation, one copy of the
+    trainable weights and optimizer state (the step's transaction) and one
+    fused ``_foreach_mul_`` over the factors; ``mu0 = 0`` skips the scaling and
+    reproduces the base optimizer bit for bit. BAR follows the step contract of
+    every sharpkit optimizer: a non-finite gradient skips the whole step with a
+    ``RuntimeWarning`` (weights, optimizer state and, with ``model=`` and a
+    closure or ``loss_fn``, the buffers as they were before the forward pass);
     with a :class:`torch.amp.GradScaler`, its ``found_inf`` decides instead. If
-    the closure raises, nothing has changed (buffers restored as above); if
-    the base step raises, the scaling is undone (by dividing by the same factors:
-    exact up to one rounding per element) before the exception propagates.
+    the closure or the base step raises, weights, buffers and state are
+    restored exactly from the copy before the exception propagates.
 
     Args:
         params: parameters or parameter-group dicts (groups may set ``mu0``).
         base_optimizer: optimizer class, e.g. ``torch.optim.AdamW``.
         variant: ``"nbar"`` (NOP, the right choice for LoRA) or ``"obar"`` (OP).
-        mu0: initial strength :math:`\mu_0 \ge 0` of :math:`a_t` (paper: 0.05-2).
+        mu0: initial strength :math:`\mu_0 \ge 0` of :math:`a_t` (paper: 0.05-2),
+            with ``mu0 * lr < 1``.
         schedule: ``"constant"``, ``"linear"`` or ``"cosine"``.
         total_steps: the horizon :math:`T` of the linear/cosine schedules
             (required for them).
@@ -146,16 +158,26 @@ class BAR(WrappedOptimizer):
         self._bar_step = 0
         defaults = {"mu0": check_nonneg_float("mu0", mu0)}
         super().__init__(params, base_optimizer, defaults, base_kwargs, model=model)
+        self.check_hyperparameters()  # mu0 * lr < 1, now that the groups have lr
         self.pairs = self._resolve_pairs(pairs, model)
-        # buffers before the closure's forward pass, put back if the step is skipped
-        self._pre_step_buffers = BufferSnapshot(model) if model is not None else None
         self._layout: tuple[list[int], list[int], set[int]] | None = None
+        self._plan: tuple[list[torch.Tensor], list[float]] = ([], [])
 
     # -- setup ------------------------------------------------------------------
+
+    _steps_on_existing_grads = True
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         if "mu0" in group:
             group["mu0"] = check_nonneg_float("mu0", group["mu0"])
+        if "mu0" in group and "lr" in group:
+            check_lr(group["lr"])
+            product = group["mu0"] * float(group["lr"])
+            if product >= 1.0:
+                raise ValueError(
+                    f"mu0: mu0 * lr = {group['mu0']} * {float(group['lr'])} = {product} >= 1 "
+                    "makes the factor 1 - a_t * lr zero or negative; BAR needs mu0 * lr < 1"
+                )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -219,94 +241,58 @@ class BAR(WrappedOptimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        bar = state_dict.pop("bar", None)
+        bar = state_dict.get("bar") if isinstance(state_dict, dict) else None
+        if bar is not None:
+            step = bar.get("step") if isinstance(bar, dict) else None
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"state_dict: 'bar' must be {{'step': int >= 0}}, got {bar!r}")
+            state_dict = {k: v for k, v in state_dict.items() if k != "bar"}
         super().load_state_dict(state_dict)
         if bar is not None:
             self._bar_step = int(bar["step"])
         self._layout = None
 
-    # -- the step ------------------------------------------------------------------
+    # -- the step: BAR's hooks ------------------------------------------------------------
 
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
-        """Scale every pair (Algorithm 2 or 3), then take the base optimizer's step.
+    def _clean_gradient(self, oracle: Oracle | None) -> Any:
+        """With a closure or ``loss_fn``: the gradient at ``w``. Without: the
+        gradients already in ``.grad`` (torch.optim's convention)."""
+        if oracle is not None:
+            return super()._clean_gradient(oracle)
+        if not self._all_grads():
+            raise TypeError(
+                "BAR.step(): no parameter has a gradient; call loss.backward() before "
+                "step(), or pass a closure that does (or loss_fn=... and batch=...)"
+            )
+        return None
 
-        Args:
-            closure: optional; computes the loss and calls ``backward()``. If
-                given, ``step`` zeroes the gradients first and calls it once
-                (sharpkit's SAM convention, so a loop can switch between SAM and
-                BAR unchanged). Without it, the gradients already in ``.grad``
-                are used, as with any ``torch.optim`` optimizer.
-
-        Returns:
-            The closure's return value, or ``None``.
-        """
-        loss = None
-        buffers = self._pre_step_buffers if closure is not None else None
-        if closure is not None:
-            if not callable(closure):
-                raise TypeError(f"closure: expected a callable, got {type(closure).__name__}")
-            if buffers is not None:
-                buffers.save()
-            self.zero_grad(set_to_none=True)
-            try:
-                with torch.enable_grad():
-                    loss = closure()
-            except BaseException:
-                if buffers is not None:
-                    buffers.restore()
-                raise
-        factor_ids = self._group_layout()[2]
-        rest: list[torch.Tensor] = []  # gradients of parameters outside every pair
-        has_grad = False
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError("BAR does not support sparse gradients")
-                    has_grad = True
-                    if id(p) not in factor_ids:
-                        rest.append(p.grad)
-        if not has_grad:
-            if closure is None:
-                raise TypeError(
-                    "BAR.step(): no parameter has a gradient; call loss.backward() before "
-                    "step(), or pass a closure that does"
-                )
-            self._require_grads("calling the closure")
-
+    def _perturbation(self, oracle: Oracle | None) -> None:
+        """BAR perturbs nothing; it plans the scaling (and checks finiteness) here."""
         found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step
         if found_inf is not None and float(found_inf) != 0.0:
-            if buffers is not None:
-                buffers.restore()
-            return loss
-        factors = self._scaling(rest, check_finite=found_inf is None)
-        if factors is None:  # non-finite gradient
-            if buffers is not None:
-                buffers.restore()
-            warnings.warn(
-                "BAR: non-finite gradient; the step was skipped and the weights are unchanged",
-                RuntimeWarning,
-                stacklevel=3,  # the caller of step() (through torch.no_grad's wrapper)
-            )
-            return loss
-        tensors, scales = factors
+            raise SkipStep(None)  # the scaler skips the step (and lowers its scale)
+        factor_ids = self._group_layout()[2]
+        rest = [p.grad for _, ps in self._params_with_grad() for p in ps if id(p) not in factor_ids]
+        plan = self._scaling(rest, check_finite=found_inf is None)
+        if plan is None:
+            raise SkipStep("non-finite gradient")
+        self._plan = plan
+
+    def _guarded_base_step(self) -> bool:
+        """Scale the pairs, then the base step, inside the transaction (restored
+        from the copy, never by dividing, if anything raises)."""
+        self._save_weights([p for _, ps in self._params_with_grad() for p in ps])
+        self._state_snapshot.save(self.state)
+        self._state_saved = True
+        tensors, scales = self._plan
+        self._plan = ([], [])
         if tensors:
-            torch._foreach_mul_(tensors, scales)
-        try:
-            if found_inf is not None:
-                self._base_step()  # unscales the gradients, then steps
-            else:
-                self.base_optimizer.step()
-        except BaseException:
-            if tensors:
-                torch._foreach_div_(tensors, scales)
-            if buffers is not None:
-                buffers.restore()
-            raise
+            with torch.no_grad():
+                torch._foreach_mul_(tensors, scales)
+        return self._base_step(check_finite=False)  # finiteness was checked with the norms
+
+    def _committed(self) -> None:
         self._bar_step += 1
-        return loss
 
     def _scaling(
         self, rest: list[torch.Tensor], *, check_finite: bool
@@ -331,24 +317,28 @@ class BAR(WrappedOptimizer):
             to_norm += [self.pairs[i].x for i in active] + [self.pairs[i].y for i in active]
         if not to_norm:
             return [], []
-        norms = _stack_norms(torch._foreach_norm(to_norm)).tolist()
-        if check_finite and not all(map(math.isfinite, norms)):
-            return None
+        norms = _stack_norms(torch._foreach_norm(to_norm))
         if not need_scaling:
+            if check_finite and not bool(torch.isfinite(norms).all()):
+                return None
             return [], []
-        gxn, gyn = norms[:n_active], norms[n_active : 2 * n_active]
         if self.variant == "obar":
             first, second = norms[-2 * n_active : -n_active], norms[-n_active:]
         else:
-            first, second = gxn, gyn
+            first, second = norms[:n_active], norms[n_active : 2 * n_active]
+        # the one sign rule (sharpkit.balance.rules), then one host sync for all
+        signs = bar_signs(self.variant, first, second).to(norms.dtype)
+        values = torch.cat([norms, signs]).tolist()
+        if check_finite and not all(map(math.isfinite, values)):
+            return None
+        gxn, gyn = values[:n_active], values[n_active : 2 * n_active]
+        sign = values[len(to_norm) :]
         tensors: list[torch.Tensor] = []
         scales: list[float] = []
         for k, i in enumerate(active):
             if gxn[k] == 0.0 and gyn[k] == 0.0:
                 continue  # zero gradient: SAM's drift vanishes, so does BAR's
-            s = 1.0 if first[k] >= second[k] else -1.0
-            if self.variant == "obar":
-                s = -s
+            s = sign[k]
             cx, cy = coefs[gx_idx[i]], coefs[gy_idx[i]]
             if cx != 0.0:
                 tensors.append(self.pairs[i].x)

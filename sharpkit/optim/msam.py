@@ -11,8 +11,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.optim import Optimizer
 
-from .._batch import as_batch_loss, batch_size, split_batch
-from ._base import BatchDrivenSAM, check_nonneg_float, global_norm
+from .._batch import batch_size, split_batch
+from ._base import BatchDrivenSAM, Oracle, SAMBase, SkipStep, check_loss, check_nonneg_float
 
 __all__ = ["MSAM", "VectorisationFallbackWarning"]
 
@@ -123,17 +123,6 @@ def _batch_leaves(batch: Any, n: int) -> tuple[list[torch.Tensor], Callable[[lis
     return leaves, rebuild
 
 
-def _check_scalar_loss(loss: Any, where: str) -> torch.Tensor:
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"loss_fn: must return a tensor, got {type(loss).__name__} ({where})")
-    if loss.dim() != 0:
-        raise ValueError(
-            f"loss_fn: must return the mean loss of the micro-batch as a scalar tensor, "
-            f"got shape {tuple(loss.shape)} ({where})"
-        )
-    return loss
-
-
 def _check_micro_batches(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"micro_batches: expected a positive integer, got {value!r}")
@@ -174,7 +163,8 @@ class MSAM(BatchDrivenSAM):
     micro-batches, so micro-batches hold about ``n / micro_batches`` examples.
 
     **How the batch is handed over.** mSAM must split the batch, so it is driven
-    by ``opt.step(loss_fn, batch)`` rather than by a closure, following sharpkit's
+    by ``opt.step(loss_fn=..., batch=...)`` rather than by a closure (which cannot
+    be split; passing one raises ``TypeError``), following sharpkit's
     batch-loss convention (``sharpkit._batch``): ``loss_fn(model, micro_batch)``
     returns the *mean* loss of a micro-batch; a plain criterion such as
     ``nn.CrossEntropyLoss()`` means ``(inputs, targets)`` batches. ``model`` is
@@ -228,8 +218,9 @@ class MSAM(BatchDrivenSAM):
     supported (use :class:`~sharpkit.optim.SAM` for those).
 
     A zero or non-finite micro-batch gradient gives that micro-batch ``e_j = 0``;
-    a non-finite gradient at ``w`` skips the whole step (weights and buffers
-    unchanged, ``RuntimeWarning``).
+    a non-finite gradient at ``w`` skips the whole step (weights, buffers and
+    optimizer state unchanged, ``RuntimeWarning``). ``step`` returns the loss at
+    ``w``, :math:`\sum_j (n_j/n) L_{B_j}(w)`, as a detached 0-d tensor.
 
     Args:
         params: parameters or parameter-group dicts (groups may set ``rho``).
@@ -249,8 +240,8 @@ class MSAM(BatchDrivenSAM):
         >>> opt = MSAM(model.parameters(), torch.optim.SGD, rho=0.05, micro_batches=4,
         ...            model=model, lr=0.1)
         >>> loss_fn = torch.nn.MSELoss()           # means (inputs, targets) batches
-        >>> first = opt.step(loss_fn, (x, y)).item()
-        >>> later = [opt.step(loss_fn, (x, y)).item() for _ in range(20)][-1]
+        >>> first = opt.step(loss_fn=loss_fn, batch=(x, y)).item()
+        >>> later = [opt.step(loss_fn=loss_fn, batch=(x, y)).item() for _ in range(20)][-1]
         >>> later < first, opt.last_path
         (True, 'vectorised')
 
@@ -288,43 +279,19 @@ class MSAM(BatchDrivenSAM):
         self.fallback_reason: str | None = None
         #: the path the last step took: 'vectorised' or 'sequential'
         self.last_path: str | None = None
+        self._path_now = "sequential"
+        self._vec: Any = None
 
-    # -- public step ---------------------------------------------------------------
+    # -- the step: mSAM's hooks ------------------------------------------------------
 
-    def step(self, loss_fn: Any = None, batch: Any = None) -> torch.Tensor:  # type: ignore[override]
-        """One mSAM update; returns the loss at ``w`` (size-weighted mean over micro-batches).
-
-        Args:
-            loss_fn: ``loss_fn(model, micro_batch)`` returning the mean loss of a
-                micro-batch (or an ``nn`` loss module for ``(inputs, targets)`` batches).
-            batch: the mini-batch to split into ``micro_batches`` pieces.
-
-        Returns:
-            :math:`\\sum_j (n_j/n) L_{B_j}(w)` as a detached 0-d tensor.
-        """
-        if loss_fn is None or batch is None:
-            raise TypeError(
-                "MSAM.step(loss_fn, batch): loss_fn (loss_fn(model, micro_batch) -> mean "
-                "loss) and batch are required; a closure cannot be split into micro-batches"
-            )
-        loss_fn = as_batch_loss(loss_fn, reduction="mean")
-        n = batch_size(batch)
-        m = self.micro_batches
-        if m > n:
+    def _oracle(self, closure: Any, loss_fn: Any, batch: Any) -> Oracle | None:
+        oracle = super()._oracle(closure, loss_fn, batch)
+        if oracle is not None and self.micro_batches > oracle.n:
             raise ValueError(
-                f"micro_batches: {m} micro-batches cannot be cut from a batch of {n} examples"
+                f"micro_batches: {self.micro_batches} micro-batches cannot be cut from a "
+                f"batch of {oracle.n} examples"
             )
-        self._check_not_mid_step("step")
-        if self._pre_step_buffers is not None:
-            self._pre_step_buffers.save()
-        try:
-            return self._step(loss_fn, batch, n, m)
-        except BaseException:
-            self._restore()
-            self._undo_step_buffers()
-            raise
-
-    # -- path selection ------------------------------------------------------------------
+        return oracle
 
     def _vectorise_blocker(self, m: int) -> str | None:
         if self.path == "sequential":
@@ -339,18 +306,24 @@ class MSAM(BatchDrivenSAM):
             )
         return None
 
-    def _step(self, loss_fn: Callable[..., Any], batch: Any, n: int, m: int) -> torch.Tensor:
+    def _run(self, oracle: Oracle | None) -> Any:
+        """Choose the path; the vectorised one runs the template's hooks functionally,
+        the sequential one runs SAM's hooks once per micro-batch."""
+        assert oracle is not None
+        m = self.micro_batches
         blocker = self._vectorise_blocker(m)
         if blocker is not None and self.path == "vectorised" and m > 1:
             raise ValueError(f"path: the vectorised path cannot run: {blocker}")
         if blocker is None and self.fallback_reason is None:
+            self._path_now = "vectorised"
             try:
-                total, params = self._vectorised(loss_fn, batch, n, m)
+                loss = super()._run(oracle)
             except (NotVectorisable, RuntimeError, NotImplementedError) as err:
                 if self.path == "vectorised":
                     raise
+                # the vectorised path never moves the module, so nothing to undo
                 self.zero_grad(set_to_none=True)
-                result = self._sequential(loss_fn, batch, n, m)
+                result = self._sequential(oracle)
                 # the sequential path ran, so the failure was vmap's, not the model's
                 self.fallback_reason = f"{type(err).__name__}: {err}".strip()
                 self._warn_fallback(
@@ -359,53 +332,30 @@ class MSAM(BatchDrivenSAM):
                 )
                 return result
             self.last_path = "vectorised"
-            if params is not None:  # None: skipped (non-finite gradient at w)
-                self._functional_base_step(params)
-            return total
+            return loss
         if blocker is not None and self.path == "auto" and m > 1:
             self._warn_fallback(f"using the sequential path: {blocker}")
-        return self._sequential(loss_fn, batch, n, m)
+        return self._sequential(oracle)
 
     def _warn_fallback(self, message: str) -> None:
         if not getattr(self, "_fallback_warned", False):
             self._fallback_warned = True
-            warnings.warn(f"MSAM: {message}", VectorisationFallbackWarning, stacklevel=5)
+            warnings.warn(f"MSAM: {message}", VectorisationFallbackWarning, stacklevel=6)
 
-    def _functional_base_step(self, params: list[torch.Tensor]) -> None:
-        """Base step for a path that never moved the weights: restore ``w`` if it raises."""
-        backup = self._scratch("functional_backup", params)
-        with torch.no_grad():
-            torch._foreach_copy_(backup, params)
-        try:
-            taken = self._base_step()
-        except BaseException:
-            with torch.no_grad():
-                torch._foreach_copy_(params, backup)
-            raise
-        if not taken:
-            self._undo_step_buffers()
+    # -- sequential path: SAM's hooks per micro-batch, size-weighted average ------------
 
-    # -- sequential path -----------------------------------------------------------------
-
-    def _sequential(self, loss_fn: Callable[..., Any], batch: Any, n: int, m: int) -> torch.Tensor:
+    def _sequential(self, oracle: Oracle) -> Any:
+        self._path_now = "sequential"
         self.last_path = "sequential"
-        pieces = split_batch(batch, m) if m > 1 else [batch]
+        n, m = oracle.n, self.micro_batches
+        assert n is not None
+        if m == 1:
+            return SAMBase._run(self, oracle)
         acc: dict[torch.Tensor, torch.Tensor] = {}
         total: torch.Tensor | None = None
-        for piece in pieces:
+        for piece in split_batch(oracle.batch, m):
             weight = batch_size(piece) / n
-            self.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                loss = _check_scalar_loss(loss_fn(self.model, piece), "at w")
-                loss.backward()
-            self._require_grads("calling loss_fn at w")
-            usable = self._perturb()
-            if not usable and not bool(torch.isfinite(global_norm(self._all_grads()))):
-                return self._skip(loss)
-            self.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                _check_scalar_loss(loss_fn(self.model, piece), "at w + e").backward()
-            self._restore()
+            loss = SAMBase._run(self, Oracle(None, oracle.loss_fn, piece, self.model))
             with torch.no_grad():
                 for _, ps in self._params_with_grad():
                     for p in ps:
@@ -413,48 +363,37 @@ class MSAM(BatchDrivenSAM):
                             acc[p].add_(p.grad, alpha=weight)
                         else:
                             acc[p] = p.grad.mul_(weight)
-                wl = loss.detach() * weight
+                wl = loss * weight
                 total = wl if total is None else total + wl
             self.zero_grad(set_to_none=True)
         for p, g in acc.items():
             p.grad = g
-        if not self._guarded_base_step():
-            self._undo_step_buffers()
-        assert total is not None
+        self._step_loss = total
         return total
 
-    def _skip(self, loss: torch.Tensor) -> torch.Tensor:
-        """A non-finite gradient at ``w``: restore everything and skip the step."""
-        self._restore()
-        self._undo_step_buffers()
-        self.zero_grad(set_to_none=True)
-        warnings.warn(
-            f"{type(self).__name__}: non-finite gradient at w; the step was skipped and "
-            "the weights are unchanged",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return loss.detach()
+    # -- vectorised path: the same three hooks, on m stacked copies ----------------------
 
-    # -- vectorised path -------------------------------------------------------------------
-
-    def _vectorised(
-        self, loss_fn: Callable[..., Any], batch: Any, n: int, m: int
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Set ``.grad`` to ``G`` by two batched passes; return the loss at ``w`` and the
-        parameters to step (``None`` when the step is skipped)."""
+    def _clean_gradient(self, oracle: Oracle | None) -> Any:
+        """Vectorised: per-micro-batch gradients ``g_j`` at ``w`` (one batched pass per
+        micro-batch size); returns the size-weighted mean loss at ``w``."""
+        if self._path_now != "vectorised":
+            return super()._clean_gradient(oracle)
+        assert oracle is not None and oracle.n is not None
+        n, m = oracle.n, self.micro_batches
         view = FunctionalView(self.model, self.param_groups)
         if not view.trainable:
             raise RuntimeError("MSAM: no parameter of the optimizer requires a gradient")
-        leaves, rebuild = _batch_leaves(batch, n)
+        leaves, rebuild = _batch_leaves(oracle.batch, n)
+        loss_fn = oracle.loss_fn
 
         def per_slice(tp: dict[str, torch.Tensor], piece: list[torch.Tensor]) -> torch.Tensor:
-            return _check_scalar_loss(loss_fn(view.caller(tp), rebuild(piece)), "vectorised")
+            out = check_loss(loss_fn(view.caller(tp), rebuild(piece)), "mean", None, "vectorised")
+            return out
 
         batched = vmap(per_slice, in_dims=(0, 0), randomness="different")
         q, r = divmod(n, m)
         classes = [(q + 1, r, 0), (q, m - r, r * (q + 1))] if r else [(q, m, 0)]
-        acc: list[torch.Tensor | None] = [None] * len(view.params)
+        parts = []
         total: torch.Tensor | None = None
         for size, count, start in classes:
             if count == 0:
@@ -462,7 +401,6 @@ class MSAM(BatchDrivenSAM):
             piece = [
                 t.narrow(0, start, size * count).reshape(count, size, *t.shape[1:]) for t in leaves
             ]
-            # clean pass: per-micro-batch gradients g_j at w (one batched forward/backward)
             stacked = [
                 p.detach().unsqueeze(0).expand(count, *p.shape).requires_grad_()
                 for p in view.params
@@ -470,18 +408,32 @@ class MSAM(BatchDrivenSAM):
             with torch.enable_grad():
                 losses = batched(dict(zip(view.names, stacked)), piece)
                 grads = torch.autograd.grad(losses.sum(), stacked, allow_unused=True)
+            weights = torch.full((count,), size / n, dtype=losses.dtype, device=losses.device)
+            parts.append((count, piece, stacked, grads, weights))
+            part = (losses.detach() * weights).sum()
+            total = part if total is None else total + part
+        if not any(g is not None for _, _, _, grads, _ in parts for g in grads):
+            raise RuntimeError("MSAM: no parameter has a gradient after calling loss_fn at w")
+        self._vec = (view, batched, parts)
+        return total
+
+    def _perturbation(self, oracle: Oracle | None) -> None:
+        """Vectorised: ``w + e_j`` as stacked copies, ``e_j = rho g_j / ||g_j||``."""
+        if self._path_now != "vectorised":
+            return super()._perturbation(oracle)
+        view, batched, parts = self._vec
+        perturbed_parts = []
+        for count, piece, stacked, grads, weights in parts:
             sq = [
                 torch.linalg.vector_norm(g.reshape(count, -1), dim=1)
                 for g in grads
                 if g is not None
             ]
-            if not sq:
-                raise RuntimeError("MSAM: no parameter has a gradient after calling loss_fn at w")
             norms = torch.linalg.vector_norm(torch.stack(sq), dim=0)  # (count,) ||g_j||
             if not bool(torch.isfinite(norms).all()):
-                return self._skip(losses.detach().mean()), None
+                self.zero_grad(set_to_none=True)
+                raise SkipStep("non-finite gradient at w")
             inv = torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
-            # perturbed pass at w + e_j, e_j = rho g_j / ||g_j||
             perturbed = []
             for (_, p, group), s, g in zip(view.trainable, stacked, grads):
                 if g is None or group["rho"] == 0.0:
@@ -489,7 +441,17 @@ class MSAM(BatchDrivenSAM):
                     continue
                 scale = (inv * group["rho"]).to(g.dtype).view(count, *([1] * p.dim()))
                 perturbed.append(torch.addcmul(s.detach(), scale, g).requires_grad_())
-            weights = torch.full((count,), size / n, dtype=losses.dtype, device=losses.device)
+            perturbed_parts.append((count, piece, perturbed, weights))
+        self._vec = (view, batched, perturbed_parts)
+
+    def _perturbed_gradient(self, oracle: Oracle | None) -> None:
+        """Vectorised: ``G = sum_j (n_j/n) grad L_{B_j}(w + e_j)`` into ``.grad``."""
+        if self._path_now != "vectorised":
+            return super()._perturbed_gradient(oracle)
+        view, batched, parts = self._vec
+        self._vec = None
+        acc: list[torch.Tensor | None] = [None] * len(view.params)
+        for _, piece, perturbed, weights in parts:
             with torch.enable_grad():
                 plosses = batched(dict(zip(view.names, perturbed)), piece)
                 pgrads = torch.autograd.grad(
@@ -500,11 +462,7 @@ class MSAM(BatchDrivenSAM):
                     continue
                 g = g.sum(0)
                 acc[k] = g if acc[k] is None else acc[k].add_(g)
-            part = (losses.detach() * weights).sum()
-            total = part if total is None else total + part
         self.zero_grad(set_to_none=True)
         for p, g in zip(view.params, acc):
             if g is not None:
                 p.grad = g
-        assert total is not None
-        return total, view.params

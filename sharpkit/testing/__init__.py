@@ -6,7 +6,8 @@ Hessian-vector products, so the two can be checked against each other.
 :func:`oracle_cases` returns the correctness-oracle problems of the curvature
 engine (MLP tanh/relu, a small CNN, a tiny attention block, BatchNorm in eval
 mode, a LoRA pair, linear regression with ``H = X^T X / n`` in closed form, and a
-multi-batch loader with an uneven last batch).
+multi-batch loader with an uneven last batch). :func:`check_optimizer` runs the
+optimizer contract (:mod:`sharpkit.testing.contract`) on any SAM-family optimizer.
 
 Example:
     >>> import torch
@@ -17,7 +18,17 @@ Example:
             [0.0000, 2.0000]], dtype=torch.float64)
 """
 
+from sharpkit.testing.contract import ContractError, OptimizerSpec, check_optimizer
 from sharpkit.testing.dense import dense_hessian
 from sharpkit.testing.oracles import ORACLE_CASES, OracleCase, TwoFactorLinear, oracle_cases
 
-__all__ = ["ORACLE_CASES", "OracleCase", "TwoFactorLinear", "dense_hessian", "oracle_cases"]
+__all__ = [
+    "ORACLE_CASES",
+    "ContractError",
+    "OptimizerSpec",
+    "OracleCase",
+    "TwoFactorLinear",
+    "check_optimizer",
+    "dense_hessian",
+    "oracle_cases",
+]

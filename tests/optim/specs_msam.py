@@ -1,7 +1,7 @@
 """mSAM in the contract registry: both execution paths, and BatchNorm semantics.
 
-mSAM is driven by ``opt.step(loss_fn, batch)`` (it has to split the batch), so
-every spec has a step adapter. Neutral hyperparameters are ``rho = 0`` *and*
+mSAM is driven by ``opt.step(loss_fn=..., batch=...)`` only (it has to split the
+batch), so every spec has ``closure_driven=False``. Neutral hyperparameters are ``rho = 0`` *and*
 ``micro_batches = 1``: with ``m > 1`` even ``rho = 0`` averages micro-batch
 gradients, equal to the full-batch gradient only up to rounding (and, with
 BatchNorm, not at all, since each micro-batch has its own batch statistics).
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from sharpkit._batch import split_batch
-from sharpkit.optim.msam import MSAM
+from sharpkit.optim import MSAM
 
 from .registry import OptimizerSpec, default_batch
 
@@ -65,6 +65,7 @@ _BAD = [
     ({"micro_batches": True}, TypeError, "micro_batches"),
     ({"path": "fast"}, ValueError, "path"),
 ]
+_LATER = [("rho", -0.1, ValueError, "rho")]
 
 SPECS = [
     OptimizerSpec(
@@ -73,7 +74,8 @@ SPECS = [
         hyper={"rho": 0.05, "micro_batches": M, "path": "vectorised"},
         neutral={"rho": 0.0, "micro_batches": 1, "path": "vectorised"},
         bad=_BAD,
-        step=msam_step,
+        closure_driven=False,
+        bad_later=_LATER,
         fail_call=2,
         make_model=layernorm_model,
     ),
@@ -83,7 +85,8 @@ SPECS = [
         hyper={"rho": 0.05, "micro_batches": M, "path": "sequential"},
         neutral={"rho": 0.0, "micro_batches": 1, "path": "sequential"},
         bad=_BAD,
-        step=msam_step,
+        closure_driven=False,
+        bad_later=_LATER,
         fail_call=2,
         make_model=layernorm_model,
     ),
@@ -93,7 +96,8 @@ SPECS = [
         hyper={"rho": 0.05, "micro_batches": M, "path": "sequential"},
         neutral={"rho": 0.0, "micro_batches": 1, "path": "sequential"},
         bad=_BAD,
-        step=msam_step,
+        closure_driven=False,
+        bad_later=_LATER,
         fail_call=2,
         make_batch=tiled_batch,
         clean_pass=micro_batch_clean_pass,

@@ -249,7 +249,10 @@ def test_closure_less_step_needs_gradients_and_skips_nonfinite() -> None:
 
 
 class _ExplodingSGD(torch.optim.SGD):
+    """Takes its step (weights and momentum change), then raises."""
+
     def step(self, closure=None):  # type: ignore[override]
+        super().step(closure)
         raise KeyError("boom in the base step")
 
 
@@ -267,13 +270,19 @@ def test_exceptions_leave_the_weights() -> None:
         opt.step(failing)
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), w))
 
-    opt = BAR(net.parameters(), _ExplodingSGD, mu0=50.0, model=net, lr=0.1)
+    # mu0 * lr = 0.999: factors 1.999 and 0.001, far from exactly invertible
+    opt = BAR(net.parameters(), _ExplodingSGD, mu0=9.99, model=net, lr=0.1, momentum=0.9)
+    opt.base_optimizer.step = torch.optim.SGD.step.__get__(opt.base_optimizer)  # one good step
+    opt.step(lambda: nn.functional.mse_loss(net(x), y).backward())
+    del opt.base_optimizer.step
+    w = [p.detach().clone() for p in net.parameters()]
+    state = {k: v["momentum_buffer"].clone() for k, v in opt.state.items()}
     with pytest.raises(KeyError, match="base step"):
         opt.step(lambda: nn.functional.mse_loss(net(x), y).backward())
-    # the scaling was undone by dividing by the same factors: one rounding per element
-    for a, b in zip(net.parameters(), w):
-        assert torch.allclose(a, b, rtol=2 * torch.finfo(F64).eps, atol=0)
-    assert opt.bar_step == 0
+    # restored from the transaction's copy: exactly, weights and momentum alike
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), w))
+    assert all(torch.equal(opt.state[k]["momentum_buffer"], v) for k, v in state.items())
+    assert opt.bar_step == 1
 
 
 def test_grad_scaler_matches_unscaled_and_skips_inf() -> None:

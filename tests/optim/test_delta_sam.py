@@ -11,18 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from sharpkit.optim import SAM
-from sharpkit.optim.delta_sam import (
+from sharpkit.optim import (
+    SAM,
     DeltaSAM,
     ExampleStats,
     InverseNormWeights,
     UnguardednessSoftmax,
     UniformWeights,
-    per_example_gradients,
-    per_instance_target,
-    perturbation_cosine,
-    perturbed_gradient,
 )
+from sharpkit.per_example import per_example_gradients
 
 F64 = torch.float64
 MODES = ["exact", "probe", "forward-only"]
@@ -70,8 +67,9 @@ def test_uniform_weights_are_sam(mode: str, how: str) -> None:
         return loss
 
     for _ in range(3):
-        losses = opt.step(per_ex, batch)
-        torch.testing.assert_close(losses.mean(), ref.step(closure).detach(), rtol=0, atol=1e-14)
+        loss = opt.step(loss_fn=per_ex, batch=batch)
+        assert loss.shape == () and opt.last_losses.shape == (16,)
+        torch.testing.assert_close(loss, ref.step(closure).detach(), rtol=0, atol=1e-14)
         torch.testing.assert_close(opt.last_weights, torch.full((16,), 1 / 16, dtype=F64))
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
@@ -115,7 +113,7 @@ def test_hand_computed_weights_logistic_regression() -> None:
     theta_new = theta - lr * G
 
     opt = DeltaSAM(model.parameters(), torch.optim.SGD, rho=rho, tau=tau, model=model, lr=lr)
-    opt.step(loss_fn, (x, y))
+    opt.step(loss_fn=loss_fn, batch=(x, y))
     torch.testing.assert_close(opt.last_stats.unguardedness, u, rtol=0, atol=1e-14)
     torch.testing.assert_close(opt.last_weights, lam, rtol=0, atol=1e-14)
     torch.testing.assert_close(model.weight.detach()[0], theta_new[:2], rtol=0, atol=1e-14)
@@ -134,7 +132,7 @@ def test_custom_weighting_is_used() -> None:
         return out
 
     opt = DeltaSAM(a.parameters(), torch.optim.SGD, rho=rho, weighting=first_only, model=a, lr=lr)
-    opt.step(per_ex, (x, y))
+    opt.step(loss_fn=per_ex, batch=(x, y))
     ps = list(ref.parameters())
     g0 = flat_grad(per_ex(ref, (x[:1], y[:1]))[0], ps)
     norm = torch.sqrt(sum((t**2).sum() for t in g0))
@@ -195,7 +193,7 @@ def test_probe_estimates_converge_with_known_variance() -> None:
             m = copy.deepcopy(model)
             opt = DeltaSAM(m.parameters(), torch.optim.SGD, rho=0.05, model=m, mode=mode,
                            probes=K, probe_radius=1e-6, seed=3, lr=0.0)  # fmt: skip
-            opt.step(per_ex, batch)
+            opt.step(loss_fn=per_ex, batch=batch)
             st = opt.last_stats
             rel = st.sq_norms / sq - 1
             assert rel.abs().max() < tol, (mode, K, rel.abs().max())
@@ -237,7 +235,7 @@ def test_probes_replay_the_clean_forwards_dropout_masks(mode: str, K: int | str)
                    probe_radius=1e-6, seed=3, lr=0.0)  # fmt: skip
     if loop:
         opt._probe_fallback = "forced by the test"
-    opt.step(per_ex, batch)
+    opt.step(loss_fn=per_ex, batch=batch)
     st = opt.last_stats
     torch.testing.assert_close(st.losses, losses.detach(), rtol=0, atol=1e-14)
     ratio = st.sq_norms / sq
@@ -245,87 +243,6 @@ def test_probes_replay_the_clean_forwards_dropout_masks(mode: str, K: int | str)
         assert ratio.max() < 30, ratio.max()
     else:
         assert (ratio - 1).abs().max() < 5 * math.sqrt(2 / K), ratio
-
-
-# -- the per-instance target against a direct loop -------------------------------------------------
-
-
-def direct_per_instance(model: nn.Module, batch, rho: float, coupled: bool) -> list[torch.Tensor]:
-    """(1/n) sum_i grad l_i(w + rho g_i / ||g_i||), one autograd pass per example on a copy.
-
-    Independent examples evaluate l_i on example i alone; coupled ones (BatchNorm in
-    training) take the i-th loss of the whole batch."""
-    x, y = batch
-    n = len(y)
-    total = [torch.zeros_like(p) for p in model.parameters()]
-    for i in range(n):
-        m = copy.deepcopy(model)
-        ps = list(m.parameters())
-        sub = (x, y) if coupled else (x[i : i + 1], y[i : i + 1])
-        k = i if coupled else 0
-        gi = flat_grad(per_ex(m, sub)[k], ps)
-        norm = torch.sqrt(sum((t**2).sum() for t in gi))
-        with torch.no_grad():
-            for p, t in zip(ps, gi):
-                p.add_(rho * t / norm)
-        gp = flat_grad(per_ex(m, sub)[k], ps)
-        for acc, t in zip(total, gp):
-            acc.add_(t / n)
-    return total
-
-
-def test_per_instance_target_against_a_direct_loop() -> None:
-    model = mlp()
-    batch = data(7)
-    ref = direct_per_instance(model, batch, 0.3, coupled=False)
-    for coupled in (False, True):  # both formulations agree for independent examples
-        got = per_instance_target(model, per_ex, batch, 0.3, coupled=coupled)
-        for a, b in zip(got, ref):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
-
-
-def test_per_instance_target_with_batchnorm_leaves_the_module_alone() -> None:
-    model = mlp(norm=nn.BatchNorm1d)
-    batch = data(6)
-    buffers = [b.clone() for b in model.buffers()]
-    ref = direct_per_instance(model, batch, 0.2, coupled=True)
-    got = per_instance_target(model, per_ex, batch, 0.2)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
-    for b, c in zip(model.buffers(), buffers):
-        assert torch.equal(b, c)
-
-
-def test_per_example_gradients_jacobian_matches_loop_with_batchnorm() -> None:
-    model = mlp(norm=nn.BatchNorm1d)
-    batch = data(6)
-    _, grads = per_example_gradients(copy.deepcopy(model), per_ex, batch)
-    for i in range(6):
-        m = copy.deepcopy(model)
-        gi = flat_grad(per_ex(m, batch)[i], list(m.parameters()))
-        for row, t in zip(grads, gi):
-            torch.testing.assert_close(row[i], t, rtol=0, atol=1e-13)
-
-
-def test_cosine_helper_and_sam_reference_point() -> None:
-    """SAM's G from perturbed_gradient equals a re-derivation; its cosine is in [-1, 1]."""
-    model = mlp()
-    batch = data(8)
-    ps = list(model.parameters())
-    g = flat_grad(per_ex(model, batch).mean(), ps)
-    G = perturbed_gradient(model, per_ex, batch, g, 0.1)
-    norm = torch.sqrt(sum((t**2).sum() for t in g))
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        for p, t in zip(m.parameters(), g):
-            p.add_(0.1 * t / norm)
-    G_ref = flat_grad(per_ex(m, batch).mean(), list(m.parameters()))
-    for a, b in zip(G, G_ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
-    c = perturbation_cosine(G, per_instance_target(model, per_ex, batch, 0.1), g)
-    assert -1.0 <= c <= 1.0
-    with pytest.raises(ValueError, match="G"):
-        perturbation_cosine(g, g, g)
 
 
 # -- bad input ---------------------------------------------------------------------------------------
@@ -341,7 +258,7 @@ def test_loss_shape_is_validated(mode: str) -> None:
         return per_ex(m, b).mean()
 
     with pytest.raises(ValueError, match="one loss per example"):
-        opt.step(mean_loss, data(8))
+        opt.step(loss_fn=mean_loss, batch=data(8))
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
 
@@ -351,7 +268,7 @@ def test_bad_weights_name_weighting() -> None:
     for bad in (lambda s: -torch.ones_like(s.losses), lambda s: torch.ones(3, dtype=F64)):
         opt = DeltaSAM(model.parameters(), torch.optim.SGD, weighting=bad, model=model, lr=0.1)
         with pytest.raises(ValueError, match="weighting"):
-            opt.step(per_ex, data(8))
+            opt.step(loss_fn=per_ex, batch=data(8))
 
 
 def test_step_and_model_are_required() -> None:
@@ -361,5 +278,7 @@ def test_step_and_model_are_required() -> None:
     opt = DeltaSAM(model.parameters(), torch.optim.SGD, model=model, lr=0.1)
     with pytest.raises(TypeError, match="loss_fn"):
         opt.step()
+    with pytest.raises(TypeError, match="closure is not accepted"):
+        opt.step(lambda: per_ex(model, data(8)).mean().backward())
     with pytest.raises(TypeError, match="step"):
         opt.first_step()

@@ -79,7 +79,7 @@ def test_one_micro_batch_is_sam_exactly(path: str) -> None:
         return loss
 
     for _ in range(4):
-        assert torch.equal(opt.step(ce, batch), ref.step(closure).detach())
+        assert torch.equal(opt.step(loss_fn=ce, batch=batch), ref.step(closure).detach())
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
 
@@ -94,7 +94,7 @@ def test_micro_batches_of_one_example_are_per_example_sam(path: str) -> None:
     x, y = data(n)
     opt = MSAM(a.parameters(), torch.optim.SGD, rho=rho, micro_batches=n, model=a, path=path, lr=lr)
     for _ in range(3):
-        opt.step(ce, (x, y))
+        opt.step(loss_fn=ce, batch=(x, y))
         reference_msam_step(ref, [(x[i : i + 1], y[i : i + 1]) for i in range(n)], rho, lr)
     for p, q in zip(a.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
@@ -112,7 +112,7 @@ def test_non_divisible_batch_is_size_weighted(path: str) -> None:
         a.parameters(), torch.optim.SGD, rho=0.1, micro_batches=4, model=a, path=path, lr=0.2
     )
     bounds = [(0, 3), (3, 6), (6, 8), (8, 10)]
-    loss = opt.step(ce, (x, y))
+    loss = opt.step(loss_fn=ce, batch=(x, y))
     with torch.no_grad():
         expected_loss = sum((e - s) / 10 * ce(ref, (x[s:e], y[s:e])) for s, e in bounds)
     reference_msam_step(ref, [(x[s:e], y[s:e]) for s, e in bounds], 0.1, 0.2)
@@ -129,7 +129,7 @@ def test_rho_zero_gives_the_full_batch_gradient(path: str) -> None:
     opt = MSAM(
         a.parameters(), torch.optim.SGD, rho=0.0, micro_batches=3, model=a, path=path, lr=0.3
     )
-    opt.step(ce, batch)
+    opt.step(loss_fn=ce, batch=batch)
     g = torch.autograd.grad(ce(ref, batch), list(ref.parameters()))
     for p, q, gi in zip(a.parameters(), ref.parameters(), g):
         torch.testing.assert_close(p, q.detach() - 0.3 * gi, rtol=0, atol=1e-14)
@@ -139,7 +139,7 @@ def test_more_micro_batches_than_examples_raises() -> None:
     model = mlp()
     opt = MSAM(model.parameters(), torch.optim.SGD, micro_batches=9, model=model, lr=0.1)
     with pytest.raises(ValueError, match="micro_batches"):
-        opt.step(ce, data(8))
+        opt.step(loss_fn=ce, batch=data(8))
 
 
 # -- the two paths agree ---------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_vectorised_equals_sequential(n: int) -> None:
         groups(b), torch.optim.SGD, rho=0.1, micro_batches=4, model=b, path="sequential", **kw
     )
     for _ in range(5):
-        la, lb = va.step(loss_fn, batch), sb.step(loss_fn, batch)
+        la, lb = va.step(loss_fn=loss_fn, batch=batch), sb.step(loss_fn=loss_fn, batch=batch)
         torch.testing.assert_close(la, lb, rtol=0, atol=1e-8)
     assert va.last_path == "vectorised" and sb.last_path == "sequential"
     for p, q in zip(a.parameters(), b.parameters()):
@@ -201,8 +201,8 @@ def test_tied_weights_move_together_on_both_paths() -> None:
     sb = MSAM(b.parameters(), torch.optim.SGD, rho=0.1, micro_batches=3, model=b,
               path="sequential", lr=0.1)  # fmt: skip
     for _ in range(3):
-        va.step(ce, batch)
-        sb.step(ce, batch)
+        va.step(loss_fn=ce, batch=batch)
+        sb.step(loss_fn=ce, batch=batch)
         pieces = list(zip(batch[0].tensor_split(3), batch[1].tensor_split(3)))
         reference_msam_step(ref, pieces, rho=0.1, lr=0.1)
     assert va.last_path == "vectorised"
@@ -217,7 +217,7 @@ def test_vectorised_is_the_default() -> None:
     opt = MSAM(model.parameters(), torch.optim.SGD, micro_batches=4, model=model, lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt.step(ce, data(16))
+        opt.step(loss_fn=ce, batch=data(16))
     assert opt.last_path == "vectorised" and opt.fallback_reason is None
 
 
@@ -231,12 +231,12 @@ def test_batchnorm_falls_back_once_with_reason() -> None:
     seq = MSAM(b.parameters(), torch.optim.SGD, rho=0.1, micro_batches=4, model=b, lr=0.1,
                path="sequential")  # fmt: skip
     with pytest.warns(VectorisationFallbackWarning, match="BatchNorm"):
-        auto.step(ce, batch)
+        auto.step(loss_fn=ce, batch=batch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only
-        auto.step(ce, batch)
-    seq.step(ce, batch)
-    seq.step(ce, batch)
+        auto.step(loss_fn=ce, batch=batch)
+    seq.step(loss_fn=ce, batch=batch)
+    seq.step(loss_fn=ce, batch=batch)
     assert auto.last_path == "sequential"
     for p, q in zip([*a.parameters(), *a.buffers()], [*b.parameters(), *b.buffers()]):
         assert torch.equal(p, q)
@@ -250,7 +250,7 @@ def test_batchnorm_statistics_come_from_the_clean_micro_batch_forwards() -> None
     x, y = data(16)
     opt = MSAM(model.parameters(), torch.optim.SGD, rho=0.5, micro_batches=4, model=model,
                lr=0.1, momentum=0.9, path="sequential")  # fmt: skip
-    opt.step(ce, (x, y))
+    opt.step(loss_fn=ce, batch=(x, y))
     with torch.no_grad():
         for xs in torch.tensor_split(x, 4):
             ref(xs)
@@ -263,7 +263,7 @@ def test_forcing_vectorised_on_batchnorm_names_path() -> None:
     opt = MSAM(model.parameters(), torch.optim.SGD, micro_batches=2, model=model,
                path="vectorised", lr=0.1)  # fmt: skip
     with pytest.raises(ValueError, match="path"):
-        opt.step(ce, data(8))
+        opt.step(loss_fn=ce, batch=data(8))
 
 
 class DataDependent(nn.Module):
@@ -288,8 +288,8 @@ def test_vmap_failure_falls_back_to_sequential() -> None:
     seq = MSAM(b.parameters(), torch.optim.SGD, micro_batches=3, model=b, lr=0.1,
                path="sequential")  # fmt: skip
     with pytest.warns(VectorisationFallbackWarning, match="vmap"):
-        auto.step(ce, batch)
-    seq.step(ce, batch)
+        auto.step(loss_fn=ce, batch=batch)
+    seq.step(loss_fn=ce, batch=batch)
     assert auto.fallback_reason is not None and auto.last_path == "sequential"
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
@@ -298,7 +298,7 @@ def test_vmap_failure_falls_back_to_sequential() -> None:
                   lr=0.1)  # fmt: skip
     before = params_of(c)
     with pytest.raises(RuntimeError):
-        forced.step(ce, batch)
+        forced.step(loss_fn=ce, batch=batch)
     for p, q in zip(c.parameters(), before):
         assert torch.equal(p, q)
 
@@ -309,7 +309,7 @@ def test_dropout_runs_vectorised() -> None:
     opt = MSAM(model.parameters(), torch.optim.SGD, micro_batches=4, model=model, lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt.step(ce, data(16))
+        opt.step(loss_fn=ce, batch=data(16))
     assert opt.last_path == "vectorised"
 
 
@@ -334,6 +334,6 @@ def test_bad_input_names_the_argument() -> None:
                    path=path)  # fmt: skip
         before = params_of(model)
         with pytest.raises(ValueError, match="loss_fn"):
-            opt.step(per_example, data(8))
+            opt.step(loss_fn=per_example, batch=data(8))
         for p, q in zip(model.parameters(), before):
             assert torch.equal(p, q)

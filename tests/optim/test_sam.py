@@ -64,7 +64,8 @@ def test_asam_single_step_closed_form(xi: float) -> None:
     w = torch.tensor([1.0, -2.0, 0.5, 3.0, -0.1], dtype=F64)
     rho, lr = 0.5, 0.05
     model = Quadratic(a, w)
-    opt = ASAM(model.parameters(), torch.optim.SGD, rho=rho, xi=xi, lr=lr)
+    # w is one vector: the authors' default would treat it as a bias (T = 1)
+    opt = ASAM(model.parameters(), torch.optim.SGD, rho=rho, xi=xi, adaptive_bias=True, lr=lr)
     _quad_step(opt, model)
     g = a @ w
     t = w.abs() + xi
@@ -74,15 +75,88 @@ def test_asam_single_step_closed_form(xi: float) -> None:
 
 
 def test_sam_adaptive_matches_widely_used_form() -> None:
-    """SAM(adaptive=True) is e = rho w^2 g / ||w g|| (T_w = |w|, no offset)."""
+    """SAM(adaptive=True, xi=0, adaptive_bias=True) is e = rho w^2 g / ||w g||."""
     a = _spd(4, seed=2)
     w = torch.tensor([0.3, -1.0, 2.0, 0.7], dtype=F64)
     model = Quadratic(a, w)
-    opt = SAM(model.parameters(), torch.optim.SGD, rho=2.0, adaptive=True, lr=0.1)
+    opt = SAM(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=2.0,
+        adaptive=True,
+        xi=0.0,
+        adaptive_bias=True,
+        lr=0.1,
+    )
     _quad_step(opt, model)
     g = a @ w
     e = 2.0 * w**2 * g / torch.linalg.vector_norm(w * g)
     torch.testing.assert_close(model.w.detach(), w - 0.1 * (a @ (w + e)), rtol=0, atol=1e-14)
+
+
+def _asam_reference_step(
+    model: nn.Module, x, y, rho: float, xi: float, lr: float, every: bool = False
+) -> None:
+    """One ASAM step as the authors' code writes it: T_w on parameters whose name
+    contains 'weight', T = 1 on the rest (``every``: T_w on all); e = rho T^2 g / ||T g||;
+    SGD with the gradient at w + e."""
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    names = [n for n, _ in model.named_parameters()]
+    ts = [
+        p.detach().abs() + xi if every or "weight" in n else torch.ones_like(p)
+        for n, p in model.named_parameters()
+    ]
+    norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(ts, grads)))
+    w0 = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, t, g in zip(model.parameters(), ts, grads):
+            p.add_(rho * t * t * g / norm)
+    loss2 = nn.functional.cross_entropy(model(x), y)
+    grads2 = torch.autograd.grad(loss2, list(model.parameters()))
+    with torch.no_grad():
+        for p, w, g in zip(model.parameters(), w0, grads2):
+            p.copy_(w - lr * g)
+    assert len(names) == 4
+
+
+@pytest.mark.parametrize("cls", ["ASAM", "SAM-adaptive"])
+def test_asam_default_is_the_authors_weights_only_form(cls: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(F64)
+    with torch.no_grad():
+        model[2].weight[0].zero_()  # exactly zero weights: perturbed only through xi
+    ref = copy.deepcopy(model)
+    x = torch.randn(12, 5, dtype=F64)
+    y = torch.randint(0, 3, (12,))
+    if cls == "ASAM":
+        opt = ASAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    else:
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, lr=0.1)
+    for _ in range(3):
+        opt.step(lambda: nn.functional.cross_entropy(model(x), y).backward())
+        _asam_reference_step(ref, x, y, rho=0.5, xi=0.01, lr=0.1)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    # the zeroed row moved (xi = 0.01 > 0)
+    assert not torch.equal(model[2].weight[0], torch.zeros(7, dtype=F64))
+
+
+def test_asam_adaptive_bias_flag_is_the_all_parameter_form() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(F64)
+    ref, weights_only = copy.deepcopy(model), copy.deepcopy(model)
+    x = torch.randn(12, 5, dtype=F64)
+    y = torch.randint(0, 3, (12,))
+    opt = ASAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, adaptive_bias=True)
+    other = ASAM(weights_only.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    for _ in range(3):
+        opt.step(lambda: nn.functional.cross_entropy(model(x), y).backward())
+        other.step(lambda: nn.functional.cross_entropy(weights_only(x), y).backward())
+        _asam_reference_step(ref, x, y, rho=0.5, xi=0.01, lr=0.1, every=True)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    assert not torch.equal(model[0].bias, weights_only[0].bias)
 
 
 def test_group_rho_scales_its_part_with_a_global_norm() -> None:
