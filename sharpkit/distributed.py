@@ -41,7 +41,15 @@ import torch.distributed as dist
 
 from sharpkit.io.results import MeasurementProtocol
 
-__all__ = ["ShardedOperator", "barrier", "is_main_process", "shared_seed", "world"]
+__all__ = [
+    "ShardedOperator",
+    "all_reduce_sum",
+    "barrier",
+    "is_main_process",
+    "require_process_group",
+    "shared_seed",
+    "world",
+]
 
 
 def _initialised() -> bool:
@@ -83,6 +91,34 @@ def _collective_device(group: Any, fallback: torch.device) -> torch.device:
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu") if fallback.type == "cuda" else fallback
+
+
+def require_process_group(name: str = "process_group") -> None:
+    """Raise ``ValueError`` (naming ``name``) unless a process group is initialised."""
+    if not _initialised():
+        raise ValueError(
+            f"{name}: data-parallel use needs torch.distributed.init_process_group() first "
+            "(torchrun sets up the environment for it)"
+        )
+
+
+def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """The sum of ``t`` over the ranks of ``group`` (a new tensor on ``t``'s device);
+    ``t`` itself without a process group.
+
+    Moves the tensor to the device the backend needs (CUDA for NCCL, the CPU for
+    gloo) and back.
+
+    Example:
+        >>> all_reduce_sum(torch.tensor([1.0, 2.0])).tolist()
+        [1.0, 2.0]
+    """
+    if not _initialised():
+        return t
+    comm = _collective_device(group, t.device)
+    buf = t.detach().to(comm, copy=True)
+    dist.all_reduce(buf, group=group)
+    return buf.to(t.device)
 
 
 def shared_seed(seed: int | None = None, group: Any = None) -> int:

@@ -111,3 +111,75 @@ def train(kind: str, rank: int = 0, world_size: int = 1, ddp: bool = False) -> d
 
         losses.append(opt.step(closure).detach().item())
     return {"params": {n: p.detach().clone() for n, p in net.named_parameters()}, "losses": losses}
+
+
+LOCAL_MICRO_BATCHES = 2
+BATCH_DRIVEN = ("msam-vectorised", "msam-sequential", "deltasam")
+
+
+def _batch_driven(kind: str, net: nn.Module, model: nn.Module, micro_batches: int):
+    from sharpkit.optim import MSAM, DeltaSAM
+
+    if kind.startswith("msam"):
+        path = kind.split("-")[1]
+        return MSAM(
+            net.parameters(),
+            torch.optim.SGD,
+            rho=0.05,
+            micro_batches=micro_batches,
+            model=model,
+            path=path,
+            lr=0.1,
+            momentum=0.9,
+        )
+    return DeltaSAM(net.parameters(), torch.optim.SGD, rho=0.05, model=model, lr=0.1)
+
+
+def train_batch_driven(kind: str, rank: int = 0, world_size: int = 1, ddp: bool = False):
+    """``STEPS`` data-parallel steps (``ddp``) or, in one process, the reference: mSAM with
+    ``world_size * LOCAL_MICRO_BATCHES`` micro-batches on the global batch; for delta-SAM
+    the example-weighted mean of each shard's own delta-SAM direction."""
+    net = mlp()
+    x, y = data(GLOBAL_BATCH * STEPS)
+    loss_fn = nn.CrossEntropyLoss(reduction="none" if kind == "deltasam" else "mean")
+    if ddp:
+        opt = _batch_driven(
+            kind, net, nn.parallel.DistributedDataParallel(net), LOCAL_MICRO_BATCHES
+        )
+    elif kind.startswith("msam"):
+        opt = _batch_driven(kind, net, net, world_size * LOCAL_MICRO_BATCHES)
+    losses = []
+    for s in range(STEPS):
+        xb = x[s * GLOBAL_BATCH : (s + 1) * GLOBAL_BATCH]
+        yb = y[s * GLOBAL_BATCH : (s + 1) * GLOBAL_BATCH]
+        if ddp:
+            xb, yb = shard(xb, rank, world_size), shard(yb, rank, world_size)
+            losses.append(opt.step(loss_fn=loss_fn, batch=(xb, yb)).item())
+        elif kind.startswith("msam"):
+            losses.append(opt.step(loss_fn=loss_fn, batch=(xb, yb)).item())
+        else:
+            losses.append(_deltasam_reference_step(net, loss_fn, xb, yb, world_size))
+    return {"params": {n: p.detach().clone() for n, p in net.named_parameters()}, "losses": losses}
+
+
+def _deltasam_reference_step(net, loss_fn, xb, yb, world_size) -> float:
+    """One SGD(lr=0.1) step along sum_r (n_r/N) G_r, each G_r delta-SAM's direction on
+    shard r alone (read off a unit-lr SGD step of a copy)."""
+    import copy
+
+    from sharpkit.optim import DeltaSAM
+
+    direction = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+    loss = 0.0
+    for r in range(world_size):
+        xs, ys = shard(xb, r, world_size), shard(yb, r, world_size)
+        twin = copy.deepcopy(net)
+        opt = DeltaSAM(twin.parameters(), torch.optim.SGD, rho=0.05, model=twin, lr=1.0)
+        loss += opt.step(loss_fn=loss_fn, batch=(xs, ys)).item() * len(xs) / len(xb)
+        with torch.no_grad():
+            for (n, p), q in zip(net.named_parameters(), twin.parameters()):
+                direction[n] += (p - q) * (len(xs) / len(xb))
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p -= 0.1 * direction[n]
+    return loss

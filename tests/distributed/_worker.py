@@ -56,11 +56,18 @@ def train(rank: int, world_size: int) -> dict:
     return {kind: _cases.train(kind, rank, world_size, ddp=True) for kind in _cases.KINDS}
 
 
+def train_batch_driven(rank: int, world_size: int) -> dict:
+    return {
+        kind: _cases.train_batch_driven(kind, rank, world_size, ddp=True)
+        for kind in _cases.BATCH_DRIVEN
+    }
+
+
 def seeds(rank: int, world_size: int) -> dict:
     return {**curvature_noseed(rank, world_size), **shared_seed(rank, world_size)}
 
 
-CASES = {f.__name__: f for f in (curvature, seeds, train)}
+CASES = {f.__name__: f for f in (curvature, seeds, train, train_batch_driven)}
 
 
 def main() -> None:

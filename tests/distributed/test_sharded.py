@@ -80,6 +80,41 @@ def test_ddp_training_equals_one_process_on_the_global_batch(ddp_runs, kind):
     torch.testing.assert_close(local, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"world{n}")
+def data_parallel_runs(request, tmp_path_factory):
+    runs = launch("train_batch_driven", request.param, tmp_path_factory.mktemp("dp"))
+    return request.param, runs
+
+
+@pytest.mark.parametrize("kind", _cases.BATCH_DRIVEN)
+def test_data_parallel_batch_driven_equals_one_process(data_parallel_runs, kind):
+    """mSAM: R ranks x m micro-batches == one process with R*m micro-batches; delta-SAM:
+    the example-weighted mean of the shards' own directions. The returned loss is global."""
+    world_size, runs = data_parallel_runs
+    ranks = [r[kind] for r in runs]
+    ref = _cases.train_batch_driven(kind, world_size=world_size)
+    for r in ranks:
+        for name, p in ref["params"].items():
+            torch.testing.assert_close(r["params"][name], p, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            torch.tensor(r["losses"], dtype=torch.float64),
+            torch.tensor(ref["losses"], dtype=torch.float64),
+            rtol=1e-10,
+            atol=1e-12,
+        )
+    for r in ranks[1:]:
+        for name, p in ranks[0]["params"].items():
+            assert torch.equal(r["params"][name], p)
+
+
+def test_data_parallel_needs_a_process_group():
+    from sharpkit.optim import MSAM
+
+    net = _cases.mlp()
+    with pytest.raises(ValueError, match="process_group"):
+        MSAM(net.parameters(), torch.optim.SGD, model=net, process_group=object(), lr=0.1)
+
+
 def test_one_process_helpers():
     assert world() == (0, 1) and is_main_process()
     assert shared_seed(3) == 3
