@@ -708,7 +708,7 @@ class WrappedOptimizer(Optimizer):
         """Run the hooks and the base step; restore everything on exception or skip."""
         self._begin()
         try:
-            loss = self._run(oracle)
+            loss = self._run_and_reduce(oracle)
             if self._guarded_base_step():
                 self._committed()
             else:  # skipped (non-finite gradient, found_inf): the clean pass's buffers go too
@@ -729,6 +729,11 @@ class WrappedOptimizer(Optimizer):
             raise
         finally:
             self._end()
+
+    def _run_and_reduce(self, oracle: Oracle | None) -> Any:
+        """:meth:`_run`, then (data-parallel methods) the reduction of its gradient
+        over the process group; the loss at ``w``."""
+        return self._run(oracle)
 
     def _run(self, oracle: Oracle | None) -> Any:
         """Clean gradient, perturbation, perturbed gradient; the loss at ``w``."""
@@ -988,15 +993,95 @@ class SAMBase(WrappedOptimizer):
 
 
 class BatchDrivenSAM(SAMBase):
-    """Base of SAM variants driven by ``step(loss_fn=..., batch=...)`` only.
+    r"""Base of SAM variants driven by ``step(loss_fn=..., batch=...)`` only.
 
     They must see inside the batch (to split it, or to get one loss per example),
     so neither a closure nor the manual two-phase form ``first_step()``/
     ``second_step()`` can drive them; subclasses say why in ``_needs_batch``.
+
+    **Data parallel.** Given a ``DistributedDataParallel`` model (or a
+    ``process_group``), each rank runs the method on its own batch ``B_r``
+    locally, with no communication (the DDP wrapper is bypassed: its hooks
+    would all-reduce every backward pass), and the ranks' update directions
+    are then averaged by one all-reduce, weighted by their example counts:
+
+    .. math:: G = \sum_r \frac{n_r}{N} G_r, \qquad N = \sum_r n_r,
+
+    so every rank takes the same base step. The returned loss is the global
+    example-weighted mean. A non-finite value on any rank skips the step on
+    every rank. For mSAM this is the paper's parallel form: each rank's
+    micro-batches are micro-batches of the global batch, so ``R`` ranks with
+    ``m`` micro-batches each equal one process with ``R * m`` micro-batches on
+    the concatenated batch, with one all-reduce per step where SAM under DDP
+    needs two.
     """
 
     _needs_batch = "it needs the batch"
     _accepts_closure = False
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: Callable[..., Optimizer],
+        defaults: dict[str, Any],
+        base_kwargs: dict[str, Any],
+        model: nn.Module | None = None,
+        process_group: Any = None,
+    ) -> None:
+        ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        if ddp is not None:
+            model = ddp.module
+            if process_group is None:
+                process_group = ddp.process_group
+        super().__init__(params, base_optimizer, defaults, base_kwargs, model=model)
+        #: the group the update directions are averaged over (``None``: one process)
+        self.process_group = process_group
+        if process_group is not None:
+            from sharpkit.distributed import require_process_group
+
+            require_process_group("process_group")
+
+    def _run_and_reduce(self, oracle: Oracle | None) -> Any:
+        if self.process_group is None:
+            return self._run(oracle)
+        from sharpkit.distributed import all_reduce_sum
+
+        assert oracle is not None and oracle.n is not None
+        skipped: SkipStep | None = None
+        try:
+            loss = self._run(oracle)
+        except SkipStep as skip:
+            skipped, loss = skip, self._step_loss
+        n = oracle.n
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        has = [p.grad is not None for p in params] if skipped is None else [False] * len(params)
+        value = float(loss) if skipped is None and loss is not None else 0.0
+        meta = torch.tensor(
+            [float(n), value * n, 1.0 if skipped is not None else 0.0, *map(float, has)],
+            dtype=torch.float64,
+        )
+        flat = [
+            (p.grad.reshape(-1) * n)
+            if h
+            else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+            for p, h in zip(params, has)
+        ]
+        by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, p in enumerate(params):
+            by_dtype.setdefault((p.dtype, p.device), []).append(i)
+        meta = all_reduce_sum(meta, self.process_group)
+        total = float(meta[0])
+        self._step_loss = loss.new_tensor(float(meta[1]) / total) if loss is not None else None
+        if float(meta[2]) > 0:
+            raise SkipStep("non-finite value on some rank")
+        for idx in by_dtype.values():
+            reduced = all_reduce_sum(torch.cat([flat[i] for i in idx]), self.process_group)
+            for i, chunk in zip(idx, torch.split(reduced, [params[i].numel() for i in idx])):
+                if float(meta[3 + i]) > 0:
+                    params[i].grad = chunk.view_as(params[i]).div_(total)
+                else:
+                    params[i].grad = None
+        return self._step_loss
 
     def _why_no_closure(self) -> str:
         return self._needs_batch

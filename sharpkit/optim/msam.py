@@ -130,7 +130,13 @@ class MSAM(BatchDrivenSAM):
         base_optimizer: optimizer class applied with ``G``, e.g. ``torch.optim.SGD``.
         rho: perturbation radius (>= 0), per micro-batch.
         micro_batches: the number ``m`` of micro-batches (>= 1).
-        model: the module ``loss_fn`` evaluates (required).
+        model: the module ``loss_fn`` evaluates (required). A
+            ``DistributedDataParallel`` model makes the step data-parallel (see
+            :class:`~sharpkit.optim._base.BatchDrivenSAM`): each rank perturbs with its
+            own micro-batch gradients, with no communication, and the perturbed
+            gradients are averaged by one all-reduce.
+        process_group: the group to average over (default: the DDP model's;
+            ``None`` and a plain module: one process).
         path: ``'auto'``, ``'vectorised'`` (alias ``'vectorized'``) or ``'sequential'``.
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
 
@@ -170,6 +176,7 @@ class MSAM(BatchDrivenSAM):
         micro_batches: int = 4,
         *,
         model: nn.Module,
+        process_group: Any = None,
         path: str = "auto",
         **base_kwargs: Any,
     ) -> None:
@@ -181,7 +188,9 @@ class MSAM(BatchDrivenSAM):
         self.micro_batches = _check_micro_batches(micro_batches)
         self.path = _check_path(path)
         defaults = {"rho": check_nonneg_float("rho", rho)}
-        super().__init__(params, base_optimizer, defaults, base_kwargs, model=model)
+        super().__init__(
+            params, base_optimizer, defaults, base_kwargs, model=model, process_group=process_group
+        )
         #: why the vectorised path is not used (after an automatic fallback), or None
         self.fallback_reason: str | None = None
         #: the path the last step took: 'vectorised' or 'sequential'

@@ -98,6 +98,10 @@ class DeltaSAM(BatchDrivenSAM):
         base_optimizer: optimizer class, e.g. ``torch.optim.SGD``.
         rho: perturbation radius (>= 0).
         model: the module ``loss_fn`` evaluates (required).
+        process_group: data-parallel use (default: the group of a
+            ``DistributedDataParallel`` model): each rank reweights its own examples
+            (the weights are local to a rank's batch) and the ranks' perturbed
+            gradients are averaged by one all-reduce, weighted by example counts.
         mode: ``'exact'``, ``'probe'`` or ``'forward-only'``.
         tau: temperature of the default weighting (default 1.0); not with ``weighting``.
         weighting: a callable ``ExampleStats -> (n,)`` non-negative weights, in place
@@ -140,6 +144,7 @@ class DeltaSAM(BatchDrivenSAM):
         rho: float = 0.05,
         *,
         model: nn.Module,
+        process_group: Any = None,
         mode: str = "exact",
         tau: float | None = None,
         weighting: Weighting | None = None,
@@ -163,7 +168,9 @@ class DeltaSAM(BatchDrivenSAM):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed: expected an integer, got {seed!r}")
         defaults = {"rho": check_nonneg_float("rho", rho)}
-        super().__init__(params, base_optimizer, defaults, base_kwargs, model=model)
+        super().__init__(
+            params, base_optimizer, defaults, base_kwargs, model=model, process_group=process_group
+        )
         self.mode = mode
         self.weighting = weighting
         self.probes = probes

@@ -1,0 +1,185 @@
+"""Models, data and single-process references shared by the distributed workers and tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+N_EXAMPLES = 53  # not divisible by 2 or 3: uneven shards
+BATCH = 8
+GLOBAL_BATCH = 24  # SAM steps: divisible by 2 and 3, so DDP's mean of means is the mean
+STEPS = 3
+KINDS = ("sam", "asam", "bar")
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def lora_mlp() -> nn.Module:
+    from sharpkit.balance import add_lora
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    add_lora(net, ["0", "2"], rank=2, alpha=2.0, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+    return net.double()
+
+
+def data(n: int = N_EXAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(42)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return x, y
+
+
+def shard(t: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Contiguous, uneven shards (as many examples as possible, none repeated)."""
+    return torch.tensor_split(t, world_size)[rank]
+
+
+def batches(x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(zip(torch.split(x, BATCH), torch.split(y, BATCH)))
+
+
+def curvature_estimates(op: Any) -> dict[str, Any]:
+    from sharpkit.curvature import eigenvalues, frobenius_norm_sq, spectral_density, trace
+
+    v = torch.linspace(-1.0, 1.0, op.dim, dtype=torch.float64)
+    top = eigenvalues(op, k=3, tol=1e-10, seed=0)
+    hutch = trace(op, num_samples=30, seed=1)
+    hpp = trace(op, method="hutch++", num_samples=30, seed=2)
+    fro = frobenius_norm_sq(op, num_samples=10, seed=3)
+    slq = spectral_density(op, runs=2, steps=15, seed=4)
+    return {
+        "hv": op.matvec(v),
+        "eigenvalues": top.eigenvalues,
+        "converged": torch.tensor(bool(top.converged)),
+        "hutchinson": torch.tensor(hutch.estimate),
+        "hutchpp": torch.tensor(hpp.estimate),
+        "frobenius": torch.tensor(fro.estimate),
+        "slq_nodes": slq.nodes,
+        "slq_weights": slq.weights,
+        "examples": torch.tensor(op.num_examples),
+    }
+
+
+def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
+    from sharpkit.optim import BAR, SAM
+
+    if kind == "sam":
+        return SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    if kind == "asam":
+        return SAM(model.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, lr=0.1)
+    if kind == "bar":
+        return BAR(
+            [p for p in model.parameters() if p.requires_grad],
+            torch.optim.SGD,
+            variant="nbar",
+            mu0=0.5,
+            model=model,
+            lr=0.1,
+        )
+    raise ValueError(kind)
+
+
+def train(kind: str, rank: int = 0, world_size: int = 1, ddp: bool = False) -> dict[str, Any]:
+    """``STEPS`` steps of ``kind`` on global batches of ``GLOBAL_BATCH``; each rank sees
+    its equal slice. Returns the final parameters and the losses."""
+    net = lora_mlp() if kind == "bar" else mlp()
+    model: nn.Module = net
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(net)
+    opt = make_optimizer(kind, net)
+    x, y = data(GLOBAL_BATCH * STEPS)
+    losses = []
+    for s in range(STEPS):
+        xb = x[s * GLOBAL_BATCH : (s + 1) * GLOBAL_BATCH]
+        yb = y[s * GLOBAL_BATCH : (s + 1) * GLOBAL_BATCH]
+        xb, yb = shard(xb, rank, world_size), shard(yb, rank, world_size)
+
+        def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+
+        losses.append(opt.step(closure).detach().item())
+    return {"params": {n: p.detach().clone() for n, p in net.named_parameters()}, "losses": losses}
+
+
+LOCAL_MICRO_BATCHES = 2
+BATCH_DRIVEN = ("msam-vectorised", "msam-sequential", "deltasam")
+
+
+def _batch_driven(kind: str, net: nn.Module, model: nn.Module, micro_batches: int):
+    from sharpkit.optim import MSAM, DeltaSAM
+
+    if kind.startswith("msam"):
+        path = kind.split("-")[1]
+        return MSAM(
+            net.parameters(),
+            torch.optim.SGD,
+            rho=0.05,
+            micro_batches=micro_batches,
+            model=model,
+            path=path,
+            lr=0.1,
+            momentum=0.9,
+        )
+    return DeltaSAM(net.parameters(), torch.optim.SGD, rho=0.05, model=model, lr=0.1)
+
+
+def train_batch_driven(kind: str, rank: int = 0, world_size: int = 1, ddp: bool = False):
+    """``STEPS`` data-parallel steps (``ddp``) or, in one process, the reference: mSAM with
+    ``world_size * LOCAL_MICRO_BATCHES`` micro-batches on the global batch; for delta-SAM
+    the example-weighted mean of each shard's own delta-SAM direction."""
+    net = mlp()
+    x, y = data(GLOBAL_BATCH * STEPS)
+    loss_fn = nn.CrossEntropyLoss(reduction="none" if kind == "deltasam" else "mean")
+    if ddp:
+        opt = _batch_driven(
+            kind, net, nn.parallel.DistributedDataParallel(net), LOCAL_MICRO_BATCHES
+        )
+    elif kind.startswith("msam"):
+        opt = _batch_driven(kind, net, net, world_size * LOCAL_MICRO_BATCHES)
+    losses = []
+    for s in range(STEPS):
+        xb = x[s * GLOBAL_BATCH : (s + 1) * GLOBAL_BATCH]
+        yb = y[s * GLOBAL_BATCH : (s + 1) * GLOBAL_BATCH]
+        if ddp:
+            xb, yb = shard(xb, rank, world_size), shard(yb, rank, world_size)
+            losses.append(opt.step(loss_fn=loss_fn, batch=(xb, yb)).item())
+        elif kind.startswith("msam"):
+            losses.append(opt.step(loss_fn=loss_fn, batch=(xb, yb)).item())
+        else:
+            losses.append(_deltasam_reference_step(net, loss_fn, xb, yb, world_size))
+    return {"params": {n: p.detach().clone() for n, p in net.named_parameters()}, "losses": losses}
+
+
+def _deltasam_reference_step(net, loss_fn, xb, yb, world_size) -> float:
+    """One SGD(lr=0.1) step along sum_r (n_r/N) G_r, each G_r delta-SAM's direction on
+    shard r alone (read off a unit-lr SGD step of a copy)."""
+    import copy
+
+    from sharpkit.optim import DeltaSAM
+
+    direction = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+    loss = 0.0
+    for r in range(world_size):
+        xs, ys = shard(xb, r, world_size), shard(yb, r, world_size)
+        twin = copy.deepcopy(net)
+        opt = DeltaSAM(twin.parameters(), torch.optim.SGD, rho=0.05, model=twin, lr=1.0)
+        loss += opt.step(loss_fn=loss_fn, batch=(xs, ys)).item() * len(xs) / len(xb)
+        with torch.no_grad():
+            for (n, p), q in zip(net.named_parameters(), twin.parameters()):
+                direction[n] += (p - q) * (len(xs) / len(xb))
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p -= 0.1 * direction[n]
+    return loss

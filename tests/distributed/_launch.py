@@ -1,0 +1,82 @@
+"""Run a test case in several CPU processes with the gloo backend, bounded in time.
+
+Each rank is a fresh ``python -m tests.distributed._worker CASE OUT`` process with
+the environment ``torchrun`` would give it (``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT``). The processes are killed and
+the test fails if they do not all finish within ``timeout`` seconds, so a hang
+fails instead of blocking CI. Each rank writes its results with ``torch.save``
+to ``OUT/rank{r}.pt``; :func:`launch` returns them (loaded with
+``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(case: str, world_size: int, out: Path, timeout: float = 120.0) -> list[dict[str, Any]]:
+    """Run ``case`` on ``world_size`` ranks; return each rank's saved results."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    logs = []
+    for rank in range(world_size):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        log = open(out / f"rank{rank}.log", "w")  # closed below
+        logs.append(log)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.distributed._worker", case, str(out)],
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                p.wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{case}: the {world_size} ranks did not finish within {timeout} s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    for rank, p in enumerate(procs):
+        if p.returncode != 0:
+            text = (out / f"rank{rank}.log").read_text()[-4000:]
+            pytest.fail(f"{case}: rank {rank} exited with {p.returncode}:\n{text}")
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]

@@ -1,0 +1,131 @@
+"""Curvature and the SAM family over several processes (gloo on localhost) against one process.
+
+Every case spawns 2 or 3 CPU ranks (3 gives uneven shards of the 53 examples),
+bounded in time by :func:`tests.distributed._launch.launch`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sharpkit.curvature import HessianOperator
+from sharpkit.distributed import ShardedOperator, is_main_process, shared_seed, world
+from tests.distributed import _cases
+from tests.distributed._launch import launch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def single_curvature():
+    x, y = _cases.data()
+    op = HessianOperator(_cases.mlp(), nn.CrossEntropyLoss(), _cases.batches(x, y))
+    return _cases.curvature_estimates(op)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_curvature_equals_one_process(tmp_path, single_curvature, world_size):
+    ranks = launch("curvature", world_size, tmp_path)
+    ref = single_curvature
+    for r in ranks:
+        assert int(r["examples"]) == _cases.N_EXAMPLES
+        torch.testing.assert_close(r["hv"], ref["hv"], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(r["eigenvalues"], ref["eigenvalues"], rtol=1e-8, atol=1e-10)
+        assert bool(r["converged"]) and bool(ref["converged"])
+        for key in ("hutchinson", "hutchpp", "frobenius"):
+            torch.testing.assert_close(r[key], ref[key], rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(
+            r["slq_nodes"], ref["slq_nodes"], rtol=1e-8, atol=1e-9, equal_nan=True
+        )
+        torch.testing.assert_close(r["slq_weights"], ref["slq_weights"], rtol=1e-8, atol=1e-9)
+    # every rank holds the same numbers (one estimate, not world_size of them)
+    for r in ranks[1:]:
+        assert torch.equal(r["eigenvalues"], ranks[0]["eigenvalues"])
+        assert torch.equal(r["hutchinson"], ranks[0]["hutchinson"])
+
+
+def test_seeds_across_ranks(tmp_path):
+    ranks = launch("seeds", 3, tmp_path)
+    # estimators given no seed draw different vectors per rank: refused, not mixed
+    for r in ranks:
+        assert bool(r["raised"])
+        assert "same seed" in r["message"]
+    # shared_seed() gives every rank rank 0's draw; different explicit seeds are refused
+    assert len({int(r["seed"]) for r in ranks}) == 1
+    assert all(bool(r["refused"]) for r in ranks)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"world{n}")
+def ddp_runs(request, tmp_path_factory):
+    return launch("train", request.param, tmp_path_factory.mktemp("train"))
+
+
+@pytest.mark.parametrize("kind", _cases.KINDS)
+def test_ddp_training_equals_one_process_on_the_global_batch(ddp_runs, kind):
+    ranks = [r[kind] for r in ddp_runs]
+    ref = _cases.train(kind)
+    for r in ranks:
+        assert r["params"].keys() == ref["params"].keys()
+        for name, p in ref["params"].items():
+            torch.testing.assert_close(r["params"][name], p, rtol=1e-10, atol=1e-12)
+    # replicas never drift apart: bit-identical weights on every rank
+    for r in ranks[1:]:
+        for name, p in ranks[0]["params"].items():
+            assert torch.equal(r["params"][name], p)
+    # the losses each rank reports are its local ones; their mean is the global loss
+    local = torch.tensor([r["losses"] for r in ranks], dtype=torch.float64).mean(dim=0)
+    expected = torch.tensor(ref["losses"], dtype=torch.float64)
+    torch.testing.assert_close(local, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"world{n}")
+def data_parallel_runs(request, tmp_path_factory):
+    runs = launch("train_batch_driven", request.param, tmp_path_factory.mktemp("dp"))
+    return request.param, runs
+
+
+@pytest.mark.parametrize("kind", _cases.BATCH_DRIVEN)
+def test_data_parallel_batch_driven_equals_one_process(data_parallel_runs, kind):
+    """mSAM: R ranks x m micro-batches == one process with R*m micro-batches; delta-SAM:
+    the example-weighted mean of the shards' own directions. The returned loss is global."""
+    world_size, runs = data_parallel_runs
+    ranks = [r[kind] for r in runs]
+    ref = _cases.train_batch_driven(kind, world_size=world_size)
+    for r in ranks:
+        for name, p in ref["params"].items():
+            torch.testing.assert_close(r["params"][name], p, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            torch.tensor(r["losses"], dtype=torch.float64),
+            torch.tensor(ref["losses"], dtype=torch.float64),
+            rtol=1e-10,
+            atol=1e-12,
+        )
+    for r in ranks[1:]:
+        for name, p in ranks[0]["params"].items():
+            assert torch.equal(r["params"][name], p)
+
+
+def test_data_parallel_needs_a_process_group():
+    from sharpkit.optim import MSAM
+
+    net = _cases.mlp()
+    with pytest.raises(ValueError, match="process_group"):
+        MSAM(net.parameters(), torch.optim.SGD, model=net, process_group=object(), lr=0.1)
+
+
+def test_one_process_helpers():
+    assert world() == (0, 1) and is_main_process()
+    assert shared_seed(3) == 3
+    with pytest.raises(TypeError, match="seed"):
+        shared_seed("3")  # type: ignore[arg-type]
+    A = torch.diag(torch.tensor([2.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="examples"):
+        ShardedOperator(A)
+    with pytest.raises(ValueError, match="examples"):
+        ShardedOperator(A, examples=-1)
+    with pytest.raises(ValueError, match="no examples"):
+        ShardedOperator(A, examples=0)
+    op = ShardedOperator(A, examples=4)
+    assert op.protocol().extra["world_size"] == 1 and op.protocol().examples == 4
