@@ -13,6 +13,9 @@ Two checks, both against a local HTTP server on the built site:
 2. **Every page, every internal link.** Each ``href`` and ``src`` in every HTML file
    of the site that points inside it must name an existing file, and a ``#fragment``
    must be an ``id`` on the target page.
+3. **The gallery has its figures.** Every executed notebook page holds at least one
+   image (an executed notebook without figures means the plots were lost, e.g. to a
+   non-inline matplotlib backend in the kernel).
 
 Requests leaving the machine (the MathJax CDN) are not checked: the site is read
 with them where there is a network, and without them math shows as TeX source.
@@ -41,14 +44,17 @@ class _Links(HTMLParser):
         self.ids: set[str] = set()
         self.refs: list[tuple[str, str]] = []  # (tag, url)
         self.empty_images = 0
+        self.images = 0
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
         for key in ("id", "name"):
             if a.get(key):
                 self.ids.add(a[key])
-        if tag == "img" and not a.get("src"):
-            self.empty_images += 1
+        if tag == "img":
+            self.images += 1
+            if not a.get("src"):
+                self.empty_images += 1
         for key in ("href", "src"):
             if a.get(key) and tag in ("a", "img", "link", "script", "source"):
                 self.refs.append((tag, a[key]))
@@ -73,12 +79,18 @@ def _target(site: Path, page: Path, url: str) -> tuple[Path, str] | None:
     return path, resolved.fragment
 
 
-def check_links(site: Path) -> list[str]:
-    """Broken internal links and images over every HTML file of the site."""
+def check_links(site: Path, *, gallery_figures: bool = True) -> list[str]:
+    """Broken internal links and images over every HTML file of the site.
+
+    With ``gallery_figures``, a notebook page without any image is a problem too.
+    """
     pages = sorted(site.rglob("*.html"))
     parsed = {p: _parse(p.read_text(encoding="utf-8")) for p in pages}
     problems = []
     for page, links in parsed.items():
+        in_gallery = page.relative_to(site).parts[0] == "notebooks"
+        if gallery_figures and in_gallery and links.images == 0:
+            problems.append(f"{page.relative_to(site)}: an executed notebook without figures")
         if page.name == "404.html":  # its relative links are written for any depth
             continue
         for tag, url in links.refs:
@@ -182,10 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("site", type=Path, help="the built site (mkdocs' site_dir)")
     ap.add_argument("--screenshot", type=Path, help="write a PNG of the home page here")
+    ap.add_argument(
+        "--unexecuted", action="store_true", help="the notebooks were not executed: no figures"
+    )
     args = ap.parse_args(argv)
     if not (args.site / "index.html").is_file():
         ap.error(f"site: no index.html in {args.site}")
-    problems = check_links(args.site)
+    problems = check_links(args.site, gallery_figures=not args.unexecuted)
     pages = main_pages(args.site)
     problems += check_in_browser(args.site, pages, args.screenshot)
     for p in problems:

@@ -1,7 +1,7 @@
 """Dense float64 references for tests and teaching (tiny models only).
 
 :func:`dense_hessian` builds the full Hessian of the example-weighted loss with
-``torch.func.hessian`` in float64, independently of :mod:`sharpkit.curvature`'s
+plain double-backward autograd in float64, independently of :mod:`sharpkit.curvature`'s
 Hessian-vector products, so the two can be checked against each other.
 :func:`oracle_cases` returns the correctness-oracle problems of the curvature
 engine (MLP tanh/relu, a small CNN, a tiny attention block, BatchNorm in eval

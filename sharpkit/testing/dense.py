@@ -1,4 +1,4 @@
-"""Dense float64 Hessians through ``torch.func`` forward-over-reverse (the test oracle)."""
+"""Dense float64 Hessians by plain double-backward autograd (the test oracle)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from torch import nn
 
 from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch
 from sharpkit._functional import FrozenModel, check_model_mode_dtype
-from sharpkit._quiet import torch_internal_notices_hidden
 
 __all__ = ["dense_hessian"]
 
@@ -27,10 +26,10 @@ def dense_hessian(
 
     ``H = d^2/dw^2 sum_b (n_b/N) L_b(w)`` with ``w`` the selected parameters
     flattened in ``named_parameters`` order (the order of
-    :class:`sharpkit.curvature.HessianOperator`). Computed in one
-    ``torch.func.jacfwd(torch.func.grad(.))`` call on a flat parameter vector (in
-    train mode through ``torch.autograd.functional.hessian`` instead, see the code),
-    with every parameter, buffer and floating input cast to float64, through the
+    :class:`sharpkit.curvature.HessianOperator`). Computed by
+    ``torch.autograd.functional.hessian`` on a flat parameter vector (plain double
+    backward, one row per pass: no ``vmap``, no forward mode, see the code), with
+    every parameter, buffer and floating input cast to float64, through the
     functional layer (the module is never written to; attention runs on its math
     kernels, which have second derivatives). Cost ``O(dim^2)`` memory: tiny models
     only.
@@ -81,16 +80,10 @@ def dense_hessian(
             out = out + (n_b / total) * loss
         return out
 
-    if mode == "eval":
-        # forward over reverse: jacfwd of grad. Not torch.func.hessian (jacfwd of
-        # jacrev): in torch 2.13 that returns a wrong, asymmetric matrix on models with
-        # LayerNorm (rows of the norm's weight off by O(0.1), checked against finite
-        # differences of gradients), while jacfwd(grad) and plain autograd agree.
-        with torch_internal_notices_hidden():
-            hess = torch.func.jacfwd(torch.func.grad(objective))(w0)
-    else:
-        # torch.func.hessian vmaps forward-mode over BatchNorm's in-place running-
-        # statistics update in train mode and returns a wrong matrix (checked against
-        # finite differences of gradients); plain double-backward autograd does not.
-        hess = torch.autograd.functional.hessian(objective, w0)
+    # Plain double-backward autograd, one Hessian row per backward pass (no vmap, no
+    # forward mode): in torch 2.13 torch.func.hessian (jacfwd of jacrev) returns a wrong,
+    # asymmetric matrix on LayerNorm models, jacfwd(grad) fails on F.mse_loss ("ZeroTensors
+    # are immutable"), and forward mode vmapped over BatchNorm's in-place running-statistics
+    # update in train mode gives a wrong matrix (each checked against finite differences).
+    hess = torch.autograd.functional.hessian(objective, w0)
     return hess.detach()
