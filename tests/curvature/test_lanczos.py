@@ -235,3 +235,28 @@ def test_float32_below_its_precision_is_not_converged() -> None:
     assert (res.residuals > 1e-9 * res.ritz_values[0]).any()
     # Its default tolerance (100 float32 epsilons) is met.
     assert eigenvalues(op, k=2, seed=0).converged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_stacked_basis_products_match_dense(monkeypatch, dtype) -> None:
+    # Several row blocks and column slices (one of them short): Q w, Q^T c and the
+    # Gram-Schmidt step agree with dense float64 arithmetic on the stored rows.
+    from sharpkit.curvature import lanczos
+
+    monkeypatch.setattr(lanczos, "_CHUNK_COLUMNS", 7)
+    monkeypatch.setattr(lanczos, "_BLOCK_ROWS", 4)
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(30, 10, generator=g, dtype=F64))
+    basis = lanczos.StackedBasis(30, dtype, torch.device("cpu"))
+    for row in q.T:
+        basis.append(row)
+    assert len(basis) == 10 and len(basis.blocks) == 3
+    Q = torch.stack([basis.row(i).to(F64) for i in range(10)])
+    w = torch.randn(30, generator=g, dtype=F64)
+    c = torch.randn(10, generator=g, dtype=F64)
+    atol = 1e-12 if dtype == F64 else 1e-6
+    torch.testing.assert_close(basis.coefficients(w), Q @ w, atol=atol, rtol=0)
+    torch.testing.assert_close(basis.combine(c), Q.T @ c, atol=atol, rtol=0)
+    r = basis.orthogonalise(w.clone())
+    torch.testing.assert_close(Q @ r, torch.zeros(10, dtype=F64), atol=atol, rtol=0)
+    torch.testing.assert_close(r, w - Q.T @ (Q @ w), atol=atol, rtol=0)
