@@ -352,6 +352,38 @@ def slq_rows(size: str, quick: bool, steps: int) -> dict[str, Any]:
     return out
 
 
+def bookkeeping_rows(size: str, quick: bool, rows: int) -> dict[str, Any]:
+    """One Lanczos step's bookkeeping (recurrence, reorthogonalisation against ``rows``
+    basis vectors) against one product of the model, both timed twice (medians)."""
+    from sharpkit.curvature.lanczos import StackedBasis
+
+    model, data = setup(size, 1, quick)
+    op = HessianOperator(model, _loss(), data[0])
+    g = torch.Generator().manual_seed(0)
+    basis = StackedBasis(op.dim, op.dtype, op.device)
+    for _ in range(rows):
+        basis.append(torch.randn(op.dim, generator=g) / op.dim**0.5)
+    v = torch.randn(op.dim, generator=g)
+    op.matvec(v)
+    prod, book = [], []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        w = op.matvec(v)
+        prod.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        w64 = w.to(torch.float64)
+        a = float(torch.dot(w64, w64))
+        w64.add_(basis.row(0), alpha=-a)
+        basis.orthogonalise(w64)
+        book.append(time.perf_counter() - t0)
+    return {
+        "rows": rows,
+        "product_s": float(np.median(prod)),
+        "bookkeeping_s": float(np.median(book)),
+        "share": float(np.median(book) / (np.median(book) + np.median(prod))),
+    }
+
+
 # ---------------------------------------------------------------- memory (fresh process)
 def _memory_child(size: str, which: str, quick: bool, queue: Any) -> None:
     torch.set_num_threads(1)
@@ -390,6 +422,63 @@ def peak_memory_mb(size: str, which: str, quick: bool) -> float:
     return float(out)
 
 
+# ---------------------------------------------------------------- CLI threads
+def threads_check(rounds: int) -> Path:
+    """Interleaved wall time of fixed curvature work at 1 thread and at torch's default,
+    on the CLI demo's model size (2410 parameters, 100 products) and on S (5 products),
+    under whatever load the machine carries (recorded)."""
+    import os
+
+    from sharpkit.demo import demo_data, demo_model
+
+    default = torch.get_num_threads()
+    digits = demo_data()
+    tiny_model, tiny_data = demo_model(), (digits.x_train, digits.y_train)
+    s_model, s_data = setup("S", 1, False)
+    work = {
+        "demo model (2410 params), 100 HVPs": (
+            HessianOperator(tiny_model, _loss(), tiny_data),
+            100,
+        ),
+        "S (0.35M), 5 HVPs": (HessianOperator(s_model, _loss(), s_data[0]), 5),
+    }
+    lines = [
+        "### CLI thread default: the same work at 1 thread and at torch's default",
+        "",
+        f"torch default here: {default} threads on {os.cpu_count()} cores. The machine was "
+        "shared with six other developers' jobs (1-minute load average at each round in "
+        "the last column). Rounds alternate the order.",
+        "",
+        "| work | round | 1 thread s | default threads s | default / 1 | load |",
+        "|---|---|---|---|---|---|",
+    ]
+    results: dict[str, Any] = {}
+    for name, (op, n) in work.items():
+        v = torch.randn(op.dim)
+        op.matvec(v)
+        results[name] = []
+        for r in range(rounds):
+            t: dict[int, float] = {}
+            for th in (1, default) if r % 2 == 0 else (default, 1):
+                torch.set_num_threads(th)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    op.matvec(v)
+                t[th] = time.perf_counter() - t0
+            torch.set_num_threads(default)
+            load = os.getloadavg()[0]
+            results[name].append({"one": t[1], "default": t[default], "load": load})
+            lines.append(
+                f"| {name} | {r + 1} | {t[1]:.2f} | {t[default]:.2f} | "
+                f"{t[default] / t[1]:.2f} | {load:.1f} |"
+            )
+    path = RESULTS / "scale_threads.md"
+    path.write_text("\n".join(lines) + "\n")
+    path.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    print(path.read_text())
+    return path
+
+
 # ---------------------------------------------------------------- report
 def _cell(d: dict[str, Any]) -> str:
     extra = ""
@@ -402,9 +491,17 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: half batches, few rounds")
     ap.add_argument("--models", default="S,M,L")
-    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument(
+        "--stages",
+        default="products,eigs,trace,slq,bookkeeping,memory",
+        help="comma-separated subset of products,eigs,trace,slq,bookkeeping,memory",
+    )
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads-check", action="store_true", help="only the CLI thread check")
     args = ap.parse_args(argv)
+    if args.threads_check:
+        threads_check(rounds=4)
+        return
     sizes = args.models.split(",")
     out = args.out or str(RESULTS / ("scale_quick.md" if args.quick else "scale.md"))
     rounds = 3 if args.quick else 5
@@ -412,19 +509,32 @@ def main(argv: list[str] | None = None) -> None:
     cap = 30 if args.quick else 60
     t_start = time.perf_counter()
     rows, measured = [], {}
+    stages = args.stages.split(",")
+    partial = Path(out).with_suffix(".partial.json")
     for size in sizes:
         m: dict[str, Any] = {}
-        rows += product_rows(size, args.quick, rounds)
-        m["eigs"] = eig_rows(size, args.quick)
-        m["trace"] = trace_rows(size, args.quick, cap)
-        m["slq"] = slq_rows(size, args.quick, steps)
-        if not args.no_memory:
-            m["peak_mb"] = {
-                w: peak_memory_mb(size, w, args.quick)
-                for w in ("reference product", "sharpkit", "pyhessian", "eigenthings")
-            }
         measured[size] = m
-        print(size, json.dumps(m, default=str)[:2000], flush=True)
+        for stage in stages:
+            t0 = time.perf_counter()
+            if stage == "products":
+                rows += product_rows(size, args.quick, rounds)
+                m["products"] = [r.__dict__ for r in rows if r.group.startswith(size)]
+            elif stage == "eigs":
+                m["eigs"] = eig_rows(size, args.quick)
+            elif stage == "trace":
+                m["trace"] = trace_rows(size, args.quick, cap)
+            elif stage == "slq":
+                m["slq"] = slq_rows(size, args.quick, steps)
+            elif stage == "bookkeeping":
+                m["bookkeeping"] = bookkeeping_rows(size, args.quick, 30)
+            elif stage == "memory":
+                m["peak_mb"] = {
+                    w: peak_memory_mb(size, w, args.quick)
+                    for w in ("reference product", "sharpkit", "pyhessian", "eigenthings")
+                }
+            m.setdefault("stage_seconds", {})[stage] = time.perf_counter() - t0
+            partial.write_text(json.dumps(measured, indent=2, default=str) + "\n")
+            print(size, stage, f"{time.perf_counter() - t0:.0f}s", flush=True)
     notes = [
         "The machine was shared with six other developers' jobs during this run (2 cores "
         "for all): wall times carry their load; ratios in the first table are interleaved "
@@ -439,6 +549,8 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for size, m in measured.items():
+        if "eigs" not in m:
+            continue
         e = m["eigs"]
         for k in (1, 5):
             r = e[f"top{k}"]
@@ -456,6 +568,8 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|",
     ]
     for size, m in measured.items():
+        if "trace" not in m:
+            continue
         cells = []
         for k in ("hutchinson", "hutch++", "pyhessian"):
             t = m["trace"][k]
@@ -477,6 +591,8 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|---|---|",
     ]
     for size, m in measured.items():
+        if "slq" not in m:
+            continue
         s = m["slq"]
         notes.append(
             f"| {size} | {s['sharpkit']['products']} / {s['sharpkit']['seconds']:.1f}s | "
@@ -485,7 +601,22 @@ def main(argv: list[str] | None = None) -> None:
             f"{s['eigenthings']['seconds']:.1f}s | "
             f"{s['sharpkit']['seconds'] / s['pyhessian']['seconds']:.2f} |"
         )
-    if not args.no_memory:
+    if any("bookkeeping" in m for m in measured.values()):
+        notes += [
+            "",
+            "#### Lanczos bookkeeping of one step (recurrence + reorthogonalisation against "
+            "30 stored vectors) against one product (medians of 2)",
+            "",
+            "| model | product s | bookkeeping s | bookkeeping share of the step |",
+            "|---|---|---|---|",
+        ]
+        for size, m in measured.items():
+            if "bookkeeping" in m:
+                b = m["bookkeeping"]
+                notes.append(
+                    f"| {size} | {b['product_s']:.2f} | {b['bookkeeping_s']:.2f} | {b['share']:.1%} |"
+                )
+    if any("peak_mb" in m for m in measured.values()):
         notes += [
             "",
             "#### Peak memory (rise of ru_maxrss in a fresh process, MiB; 1 thread)",
@@ -495,6 +626,8 @@ def main(argv: list[str] | None = None) -> None:
             "|---|---|---|---|---|---|",
         ]
         for size, m in measured.items():
+            if "peak_mb" not in m:
+                continue
             p = m["peak_mb"]
             notes.append(
                 f"| {size} | {p['reference product']:.0f} | {p['sharpkit']:.0f} | "
