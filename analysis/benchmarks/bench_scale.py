@@ -446,8 +446,12 @@ def threads_check(rounds: int) -> Path:
             HessianOperator(tiny_model, _loss(), tiny_data),
             100,
         ),
-        "S (0.35M), 5 HVPs": (HessianOperator(s_model, _loss(), s_data[0]), 5),
+        f"S (0.35M, batch {len(s_data[0][1])}), 3 HVPs": (
+            HessianOperator(s_model, _loss(), s_data[0]),
+            3,
+        ),
     }
+    path = RESULTS / "scale_threads.md"
     lines = [
         "### CLI thread default: the same work at 1 thread and at torch's default",
         "",
