@@ -506,6 +506,26 @@ def _cell(d: dict[str, Any]) -> str:
     return f"{d['products']} / {d['seconds']:.1f}s (err {d['err']:.1e}{extra})"
 
 
+def _drop_empty_tables(lines: list[str]) -> list[str]:
+    """Remove '#### ' sections whose table has no data row (a stage not measured)."""
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("#### "):
+            j = i + 1
+            while j < len(lines) and not lines[j].startswith("#### "):
+                j += 1
+            body = lines[i:j]
+            rows = [x for x in body if x.startswith("| ") and not x.startswith("| model")]
+            if rows:
+                out += body
+            i = j
+        else:
+            out.append(lines[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: half batches, few rounds")
@@ -670,6 +690,7 @@ def main(argv: list[str] | None = None) -> None:
             ]
             ratio = p["sharpkit"] / max(p["reference product"], 1) if len(p) > 1 else float("nan")
             notes.append(f"| {size} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+    notes = _drop_empty_tables(notes)
     notes += ["", f"Total wall time of this run: {time.perf_counter() - t_start:.0f} s."]
     path = write_table(
         rows,
