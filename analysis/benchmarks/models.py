@@ -14,12 +14,24 @@ The batch helpers return ``(inputs, targets)`` for cross-entropy.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from sharpkit.balance import add_lora
 
-__all__ = ["TransformerBlock", "lora_mlp", "lora_transformer_block", "mlp_batch", "sequence_batch"]
+__all__ = [
+    "ResNet18",
+    "SmallCNN",
+    "TinyGPT",
+    "TransformerBlock",
+    "lora_mlp",
+    "lora_transformer_block",
+    "mlp_batch",
+    "scale_model",
+    "sequence_batch",
+]
 
 
 def lora_mlp(
@@ -122,3 +134,124 @@ def sequence_batch(
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, seq_len, dim, generator=g)
     return x, torch.randint(0, num_classes, (n,), generator=g)
+
+
+# ---------------------------------------------------------------- scale models (issue 19)
+class SmallCNN(nn.Module):
+    """S: four 3x3 convolutions (32-64-128-224 channels, two max-pools), global average
+    pooling and a linear head, on 3 x 32 x 32 images (~0.35M parameters)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(128, 224, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Linear(224, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.short(x))
+
+
+class ResNet18(nn.Module):
+    """M: ResNet-18 (He et al., 2016) in its CIFAR form (3x3 stem, no max-pool):
+    four stages of two basic blocks (64-128-256-512 channels), 11.2M parameters."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
+        )
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layers(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+class _CausalBlock(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (b, heads, t, d_head)
+        scores = q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        att = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """L: a GPT-style decoder (token and learned position embeddings, 6 pre-LN causal
+    blocks of width 256 with 4 heads, untied output head, vocabulary 1024; ~5.3M
+    parameters). Returns next-token logits flattened to ``(batch * seq, vocab)``."""
+
+    def __init__(
+        self, vocab: int = 1024, d: int = 256, layers: int = 6, heads: int = 4, seq: int = 64
+    ) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.Sequential(*[_CausalBlock(d, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        h = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        logits = self.head(self.ln(self.blocks(h)))
+        return logits.reshape(-1, logits.shape[-1])
+
+
+def scale_model(size: str, seed: int = 0) -> tuple[nn.Module, Any]:
+    """``"S"``, ``"M"`` or ``"L"``: the model (seeded init) and a function
+    ``batch(n, seed) -> (inputs, targets)`` of synthetic data for it."""
+    torch.manual_seed(seed)
+    if size == "L":
+        model: nn.Module = TinyGPT()
+
+        def batch(n: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+            g = torch.Generator().manual_seed(s)
+            idx = torch.randint(0, 1024, (n, 65), generator=g)
+            return idx[:, :-1].contiguous(), idx[:, 1:].reshape(-1)
+
+        return model, batch
+    model = SmallCNN() if size == "S" else ResNet18()
+
+    def batch(n: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(s)
+        return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+    return model, batch

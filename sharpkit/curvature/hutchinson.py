@@ -19,6 +19,19 @@ the interval is ``estimate +- t_{(1+c)/2, s-1} * stderr`` (Student t). With
 ``rtol`` the sampling stops once its half-width is at most ``rtol * |estimate|``
 (checked from ``_MIN_SAMPLES`` samples on).
 
+Budget: the half-width shrinks like ``t * sigma / sqrt(s)``, so from the first
+``_MIN_SAMPLES`` probes (sample std ``sigma_hat``, mean ``mu_hat``) the precision
+needs about
+
+    s_needed = (t * sigma_hat / (rtol * |mu_hat|))^2
+
+probes. Each estimator reports that number, and when even an optimistic version
+(the lower confidence bound of ``sigma`` over the upper one of ``|mu|``) exceeds
+the cap (checked after 10 probes, then at 20, 40, ...), the precision is not
+reachable within it: the estimator says so (``reached=False``, a
+``RuntimeWarning`` naming the products needed) and stops there, or, with
+``if_unreachable="warn"``, warns and runs on to the cap.
+
 References:
     Hutchinson. A stochastic estimator of the trace of the influence matrix for
     Laplacian smoothing splines, 1989.
@@ -30,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import scipy.stats
@@ -45,6 +59,7 @@ _METHODS = ("hutchinson", "hutch++")
 
 # The sample standard deviation is too noisy to stop on with fewer samples than this.
 _MIN_SAMPLES = 10
+_IF_UNREACHABLE = ("stop", "warn")
 
 
 @dataclasses.dataclass
@@ -60,6 +75,12 @@ class TraceResult:
         num_matvecs: operator products used.
         samples: the per-probe values of the stochastic part (float64 tensor).
         protocol: how it was measured.
+        rtol: the requested relative half-width, or ``None``.
+        reached: whether the interval's half-width is at most ``rtol * |estimate|``
+            (``None`` without ``rtol``).
+        matvecs_needed: products (in all, sketch included) that the projection
+            ``(t * sigma_hat / (rtol * |mu_hat|))^2`` from the probes taken says
+            ``rtol`` needs (``None`` without ``rtol``; ``inf`` if the estimate is 0).
     """
 
     estimate: float
@@ -70,19 +91,28 @@ class TraceResult:
     num_matvecs: int
     samples: torch.Tensor
     protocol: MeasurementProtocol
+    rtol: float | None = None
+    reached: bool | None = None
+    matvecs_needed: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (the raw samples included)."""
         return to_jsonable(dataclasses.asdict(self) | {"protocol": self.protocol})
 
 
-def _check_common(num_samples: Any, rtol: Any, confidence: Any) -> None:
+def _check_common(
+    num_samples: Any, rtol: Any, confidence: Any, if_unreachable: Any = "stop"
+) -> None:
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 2:
         raise ValueError(f"num_samples: expected an integer >= 2, got {num_samples!r}")
     if rtol is not None and not (isinstance(rtol, (int, float)) and rtol > 0):
         raise ValueError(f"rtol: expected None or a positive number, got {rtol!r}")
     if not (isinstance(confidence, float) and 0 < confidence < 1):
         raise ValueError(f"confidence: expected a float in (0, 1), got {confidence!r}")
+    if if_unreachable not in _IF_UNREACHABLE:
+        raise ValueError(
+            f"if_unreachable: expected one of {_IF_UNREACHABLE}, got {if_unreachable!r}"
+        )
 
 
 def _interval(
@@ -97,11 +127,18 @@ def _interval(
 
 
 class _Running:
-    """Welford's running mean and variance, for the stopping check in O(1) per sample."""
+    """Welford's running mean and variance, the stopping check and the budget projection.
 
-    def __init__(self, confidence: float, rtol: float | None, offset: float) -> None:
+    Args:
+        confidence: the interval's coverage.
+        rtol: the requested relative half-width (``None``: no stopping rule).
+        offset: a constant added to the mean (Hutch++'s exact low-rank part).
+        cap: the most probes the caller will take.
+    """
+
+    def __init__(self, confidence: float, rtol: float | None, offset: float, cap: int) -> None:
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
-        self.confidence, self.rtol, self.offset = confidence, rtol, offset
+        self.confidence, self.rtol, self.offset, self.cap = confidence, rtol, offset, cap
         self.z = float(scipy.stats.norm.ppf(0.5 + confidence / 2))
 
     def add(self, x: float) -> None:
@@ -110,16 +147,84 @@ class _Running:
         self.mean += delta / self.n
         self.m2 += delta * (x - self.mean)
 
+    def _std(self) -> float:
+        return math.sqrt(max(self.m2, 0.0) / (self.n - 1))
+
     def narrow(self) -> bool:
         """Is the t-interval's half-width <= rtol * |estimate| (from _MIN_SAMPLES on)?"""
         if self.rtol is None or self.n < _MIN_SAMPLES:
             return False
-        stderr = math.sqrt(self.m2 / (self.n - 1) / self.n)
+        stderr = self._std() / math.sqrt(self.n)
         target = self.rtol * abs(self.mean + self.offset)
         if self.z * stderr > target:  # t quantile >= normal quantile: cannot be narrow
             return False
         t = float(scipy.stats.t.ppf(0.5 + self.confidence / 2, df=self.n - 1))
         return t * stderr <= target
+
+    def needed(self) -> float:
+        """Probes the precision needs by the point projection (t sigma / (rtol |mu|))^2."""
+        if self.rtol is None or self.n < 2:
+            return math.nan
+        t = float(scipy.stats.t.ppf(0.5 + self.confidence / 2, df=self.n - 1))
+        target = self.rtol * abs(self.mean + self.offset)
+        if target == 0:
+            return math.inf if self.m2 > 0 else float(self.n)
+        return max(float(self.n), math.ceil((t * self._std() / target) ** 2))
+
+    def unreachable(self) -> bool:
+        """Even optimistically, would rtol need more than ``cap`` probes?
+
+        Checked after ``_MIN_SAMPLES`` probes and again each time their number doubles.
+
+        Optimistic: the lower ``confidence`` bound of sigma (chi-square) over the upper
+        bound of ``|mu|`` (normal), with the normal quantile in place of t.
+        """
+        if self.rtol is None or self.n % _MIN_SAMPLES or not _power_of_two(self.n // _MIN_SAMPLES):
+            return False
+        df = self.n - 1
+        sigma_low = self._std() * math.sqrt(
+            df / scipy.stats.chi2.ppf(0.5 + self.confidence / 2, df)
+        )
+        mu_high = abs(self.mean + self.offset) + self.z * self._std() / math.sqrt(self.n)
+        if mu_high == 0:
+            return sigma_low > 0
+        return (self.z * sigma_low / (self.rtol * mu_high)) ** 2 > self.cap
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _sample(
+    probe: Any,
+    running: _Running,
+    samples: list[float],
+    if_unreachable: str,
+    fixed_matvecs: int,
+    name: str,
+    progress: bool,
+) -> None:
+    """Draw up to ``running.cap`` probes; stop when narrow, or when unreachable (or warn)."""
+    warned = False
+    for _ in tqdm(range(running.cap), desc=name, disable=not progress, leave=False):
+        samples.append(probe())
+        running.add(samples[-1])
+        if running.narrow():
+            return
+        if not warned and running.unreachable():
+            need = fixed_matvecs + running.needed()
+            cap = fixed_matvecs + running.cap
+            stop = if_unreachable == "stop"
+            warnings.warn(
+                f"{name}: rtol={running.rtol} needs about {need:.3g} products by the first "
+                f"{running.n} probes (t * std / (rtol * |estimate|))^2; the cap is {cap}"
+                + (": stopping here (reached=False)" if stop else ": running on to the cap"),
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            if stop:
+                return
+            warned = True
 
 
 def _result(
@@ -131,8 +236,14 @@ def _result(
     seed: int,
     offset: float,
     extra: dict[str, Any],
+    running: _Running,
+    fixed_matvecs: int = 0,
 ) -> TraceResult:
     est, stderr, low, high = _interval(samples, confidence, offset)
+    rtol = running.rtol
+    reached = None if rtol is None else bool((high - low) / 2 <= rtol * abs(est))
+    needed = None if rtol is None else float(fixed_matvecs + running.needed())
+    extra = {**extra, "reached": reached, "matvecs_needed": needed}
     proto = operator_protocol(op)
     proto = dataclasses.replace(
         proto,
@@ -150,6 +261,9 @@ def _result(
         num_matvecs=matvecs,
         samples=torch.tensor(samples, dtype=torch.float64),
         protocol=proto,
+        rtol=rtol,
+        reached=reached,
+        matvecs_needed=needed,
     )
 
 
@@ -162,8 +276,17 @@ def trace(
     confidence: float = 0.95,
     seed: int | torch.Generator | None = None,
     progress: bool = False,
+    if_unreachable: str = "stop",
 ) -> TraceResult:
     """Estimate ``tr(H)`` by Hutchinson or Hutch++ with a standard error and interval.
+
+    Hutchinson: ``tr(H) ~ (1/s) sum_i z_i^T H z_i`` over Rademacher ``z_i``. Hutch++:
+    ``tr(Q^T H Q) + (1/s) sum_i g_i^T P H P g_i`` with ``Q = orth(H S)`` for a
+    Rademacher sketch ``S`` and ``P = I - Q Q^T``. With ``rtol`` the probes stop once
+    the interval is narrow enough, and the products that precision needs are
+    projected from the first 10 probes (module docstring): if even an optimistic
+    projection exceeds the budget, the result says so (``reached=False``,
+    ``matvecs_needed``) instead of running to the cap.
 
     Args:
         op: a :class:`~sharpkit.curvature.HessianOperator`, a linear operator or a
@@ -178,10 +301,20 @@ def trace(
         confidence: coverage of ``ci`` (Student-t interval).
         seed: int, ``torch.Generator`` or ``None`` (fresh seed, recorded).
         progress: tqdm bar over probes.
+        if_unreachable: with ``rtol``, what to do once the first probes show that the
+            budget cannot reach it (a ``RuntimeWarning`` either way): ``"stop"``
+            there, or ``"warn"`` and run on to the cap.
 
     Returns:
         A :class:`TraceResult`. For Hutch++, ``stderr``/``ci`` describe the Hutchinson
-        part on the remainder (the sketch part is exact given the sketch).
+        part on the remainder (the sketch part is exact given the sketch), and the
+        sketch, fixed by the budget, is spent before the first probe can tell.
+
+    References:
+        Hutchinson. A stochastic estimator of the trace of the influence matrix for
+        Laplacian smoothing splines. Comm. Statist. Simul. Comput., 1989.
+        Meyer, Musco, Musco, Woodruff. Hutch++: optimal stochastic trace estimation.
+        SOSA 2021. arXiv:2010.09649
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
@@ -193,7 +326,7 @@ def trace(
     op = as_operator(op)
     if method not in _METHODS:
         raise ValueError(f"method: expected one of {_METHODS}, got {method!r}")
-    _check_common(num_samples, rtol, confidence)
+    _check_common(num_samples, rtol, confidence, if_unreachable)
     gen, seed_used = make_generator(seed)
     dim, dtype, device = op.dim, op.dtype, op.device
     samples: list[float] = []
@@ -229,14 +362,13 @@ def trace(
             z = rademacher(dim, gen, dtype, device)
             return float(torch.dot(z, op.matvec(z)))
 
-    running = _Running(confidence, rtol, offset)
-    for _ in tqdm(range(n_res), desc=f"trace ({method})", disable=not progress, leave=False):
-        samples.append(probe())
-        running.add(samples[-1])
-        matvecs += 1
-        if running.narrow():
-            break
-    return _result(op, method, samples, confidence, matvecs, seed_used, offset, extra)
+    fixed = matvecs
+    running = _Running(confidence, rtol, offset, n_res)
+    _sample(probe, running, samples, if_unreachable, fixed, f"trace ({method})", progress)
+    matvecs += len(samples)
+    return _result(
+        op, method, samples, confidence, matvecs, seed_used, offset, extra, running, fixed
+    )
 
 
 def frobenius_norm_sq(
@@ -247,6 +379,7 @@ def frobenius_norm_sq(
     confidence: float = 0.95,
     seed: int | torch.Generator | None = None,
     progress: bool = False,
+    if_unreachable: str = "stop",
 ) -> TraceResult:
     """Estimate ``||H||_F^2 = tr(H^2) = E ||H z||^2`` with Rademacher probes ``z``.
 
@@ -257,6 +390,8 @@ def frobenius_norm_sq(
         confidence: coverage of ``ci``.
         seed: int, ``torch.Generator`` or ``None``.
         progress: tqdm bar over probes.
+        if_unreachable: ``"stop"`` or ``"warn"`` when ``rtol`` is out of the budget's
+            reach (as in :func:`trace`).
 
     Returns:
         A :class:`TraceResult` for ``tr(H^2)``.
@@ -267,17 +402,17 @@ def frobenius_norm_sq(
         10.0
     """
     op = as_operator(op)
-    _check_common(num_samples, rtol, confidence)
+    _check_common(num_samples, rtol, confidence, if_unreachable)
     gen, seed_used = make_generator(seed)
     samples: list[float] = []
-    running = _Running(confidence, rtol, 0.0)
-    for _ in tqdm(range(num_samples), desc="tr(H^2)", disable=not progress, leave=False):
+
+    def probe() -> float:
         z = rademacher(op.dim, gen, op.dtype, op.device)
-        samples.append(float(torch.linalg.vector_norm(op.matvec(z)) ** 2))
-        running.add(samples[-1])
-        if running.narrow():
-            break
+        return float(torch.linalg.vector_norm(op.matvec(z)) ** 2)
+
+    running = _Running(confidence, rtol, 0.0, num_samples)
+    _sample(probe, running, samples, if_unreachable, 0, "tr(H^2)", progress)
     extra = {"method": "hutchinson-frobenius", "max_samples": num_samples, "rtol": rtol}
     return _result(
-        op, "frobenius_norm_sq", samples, confidence, len(samples), seed_used, 0.0, extra
+        op, "frobenius_norm_sq", samples, confidence, len(samples), seed_used, 0.0, extra, running
     )

@@ -15,6 +15,11 @@ The quadrature is exact for polynomials of degree ``< 2m``, so for ``m >= 2`` it
 first two moments are ``v^T H v`` and ``v^T H^2 v`` exactly: unbiased estimates of
 ``tr(H)/n`` and ``tr(H^2)/n``.
 
+Each run is the Lanczos of :mod:`sharpkit.curvature.lanczos`: products in the
+operator's dtype, the recurrence and full reorthogonalisation in float64 as block
+products on the stacked basis, so the bookkeeping of step ``j`` is two passes over
+``j`` stored vectors (a third when the DGKS test asks for it).
+
 Reference:
     Ghorbani, Krishnan, Xiao. An investigation into neural net optimization via
     Hessian eigenvalue density. ICML 2019. arXiv:1901.10159

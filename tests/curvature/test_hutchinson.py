@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -112,3 +113,63 @@ def test_bad_input() -> None:
         frobenius_norm_sq(A, confidence=95)
     with pytest.raises(TypeError, match="seed"):
         trace(A, seed=1.5)
+
+
+def _hutchinson_need(A: torch.Tensor, rtol: float, z: float = 1.96) -> float:
+    """Exact probes for a half-width of rtol * |tr|: Var(z^T A z) = 2 (||A||_F^2 - sum A_ii^2)."""
+    var = 2 * (float((A**2).sum()) - float((torch.diagonal(A) ** 2).sum()))
+    return (z * math.sqrt(var) / (rtol * abs(float(torch.trace(A))))) ** 2
+
+
+def test_unreachable_precision_stops_after_the_first_probes() -> None:
+    A = _matrix(torch.linspace(-1, 2, 50, dtype=F64), 7)
+    need = _hutchinson_need(A, 0.005)
+    assert need > 10 * 300  # the case: far out of a 300-product budget
+    with pytest.warns(RuntimeWarning, match="rtol=0.005 needs about .* the cap is 300"):
+        r = trace(A, num_samples=300, rtol=0.005, seed=0)
+    assert r.num_matvecs == 10 and r.reached is False and r.rtol == 0.005
+    # the projection from 10 probes is within a factor 3 of the exact need
+    assert need / 3 < r.matvecs_needed < 3 * need
+    d = r.to_dict()
+    json.dumps(d)
+    assert d["reached"] is False and d["protocol"]["extra"]["matvecs_needed"] == r.matvecs_needed
+    with pytest.warns(RuntimeWarning, match="running on to the cap"):
+        w = trace(A, num_samples=300, rtol=0.005, seed=0, if_unreachable="warn")
+    assert w.num_matvecs == 300 and w.reached is False
+    with pytest.warns(RuntimeWarning, match="tr\\(H\\^2\\): rtol"):
+        f = frobenius_norm_sq(A, num_samples=100, rtol=1e-4, seed=0)
+    assert f.reached is False and f.num_samples == 10
+
+
+def test_hutchpp_budget_counts_its_sketch() -> None:
+    A = _matrix(torch.linspace(-1, 2, 50, dtype=F64), 7)
+    with pytest.warns(RuntimeWarning, match="the cap is 60"):
+        r = trace(A, method="hutch++", num_samples=60, rtol=1e-4, seed=0)
+    # a sketch of 20 (40 products) then the 10 probes that tell
+    assert r.num_matvecs == 50 and r.reached is False and r.matvecs_needed > 60
+
+
+def test_reachable_precision_is_not_refused_and_covers() -> None:
+    # A budget of twice the exact need: the optimistic rule must (almost) never refuse,
+    # and the stopped intervals must still cover the trace about 95% of the time.
+    A = _matrix(torch.linspace(-1, 3, 40, dtype=F64), 8)
+    rtol = 0.05
+    need = _hutchinson_need(A, rtol)
+    assert 40 < need < 400
+    true = float(torch.trace(A))
+    refused = covered = 0
+    projected = []
+    reps = 200
+    for s in range(reps):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = trace(A, num_samples=int(2 * need), rtol=rtol, seed=s)
+        refused += any("needs about" in str(c.message) for c in caught)
+        covered += r.ci[0] <= true <= r.ci[1]
+        projected.append(r.matvecs_needed)
+        if r.reached:
+            assert (r.ci[1] - r.ci[0]) / 2 <= rtol * abs(r.estimate)
+    assert refused <= 0.05 * reps
+    assert covered >= 0.88 * reps  # sequential stopping costs a little coverage
+    med = float(torch.tensor(projected).median())
+    assert need / 2 < med < 2 * need  # the projection is consistent with the exact need
