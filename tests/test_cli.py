@@ -43,7 +43,9 @@ def test_experiment_list_and_run(tmp_path, capsys) -> None:
         ]
     )
     assert rc == 0
-    assert (tmp_path / "two_cycle" / "test" / "seed0.json").exists()
+    # one folder per configuration: NAME/SCALE/KEY/ with the config beside the seeds
+    (run_dir,) = (tmp_path / "two_cycle" / "test").iterdir()
+    assert (run_dir / "seed0.json").exists() and (run_dir / "config.json").exists()
     assert "verdict: supported" in capsys.readouterr().out
 
 
