@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sharpkit.io.results import MeasurementProtocol
+from sharpkit.protocol import MeasurementProtocol
 
 __all__ = [
     "ShardedOperator",

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from sharpkit.io.results import MeasurementProtocol
+from sharpkit.protocol import MeasurementProtocol
 
 __all__ = ["DenseOperator", "LinearOperator", "as_operator", "make_generator", "rademacher"]
 

@@ -47,7 +47,7 @@ from sharpkit._functional import (
     tree_flatten,
 )
 from sharpkit._quiet import torch_internal_notices_hidden
-from sharpkit.io.results import MeasurementProtocol
+from sharpkit.protocol import MeasurementProtocol
 
 __all__ = [
     "CACHE_SHARE",

@@ -51,7 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sharpkit.curvature._linop import as_operator, make_generator, operator_protocol, rademacher
-from sharpkit.io.results import MeasurementProtocol, to_jsonable
+from sharpkit.protocol import MeasurementProtocol, to_jsonable
 
 __all__ = ["TraceResult", "frobenius_norm_sq", "trace"]
 

@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sharpkit.curvature._linop import as_operator, gaussian, make_generator, operator_protocol
-from sharpkit.io.results import MeasurementProtocol, to_jsonable
+from sharpkit.protocol import MeasurementProtocol, to_jsonable
 
 __all__ = ["EigenResult", "eigenvalues", "lanczos_tridiagonal"]
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from sharpkit.curvature._linop import as_operator, make_generator, operator_protocol, rademacher
 from sharpkit.curvature.lanczos import _tridiag_eigh, lanczos_tridiagonal
-from sharpkit.io.results import MeasurementProtocol, to_jsonable
+from sharpkit.protocol import MeasurementProtocol, to_jsonable
 
 __all__ = ["DensityResult", "spectral_density"]
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from sharpkit.io.results import to_jsonable
+from sharpkit.protocol import to_jsonable
 
 __all__ = [
     "SCALES",

@@ -11,13 +11,12 @@ from .checkpoint import (
     save_model,
     save_state_dict,
 )
-from .results import MeasurementProtocol, read_json, to_jsonable, write_json_atomic
+from .results import read_json, write_json_atomic
 
 __all__ = [
     "KINDS",
     "MAX_NAMES",
     "CheckpointError",
-    "MeasurementProtocol",
     "check_state_dict",
     "load_checkpoint",
     "load_state_dict",
@@ -25,6 +24,5 @@ __all__ = [
     "read_json",
     "save_model",
     "save_state_dict",
-    "to_jsonable",
     "write_json_atomic",
 ]

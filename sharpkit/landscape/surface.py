@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sharpkit.io.results import MeasurementProtocol, to_jsonable
+from sharpkit.protocol import MeasurementProtocol, to_jsonable
 from sharpkit.sharpness._objective import Objective, supervised_accuracy
 
 __all__ = ["Surface", "interpolate_checkpoints", "loss_surface_1d", "loss_surface_2d"]

@@ -23,7 +23,7 @@ def plot_surface_1d(
     Example:
         >>> import torch
         >>> from sharpkit.landscape import Surface
-        >>> from sharpkit.io import MeasurementProtocol
+        >>> from sharpkit.protocol import MeasurementProtocol
         >>> s = Surface([torch.linspace(-1, 1, 5)], torch.linspace(-1, 1, 5) ** 2, None,
         ...             "direction", MeasurementProtocol("grid"))
         >>> ax = plot_surface_1d(s); plt.close(ax.figure)
@@ -67,7 +67,7 @@ def plot_surface_2d(
     Example:
         >>> import torch
         >>> from sharpkit.landscape import Surface
-        >>> from sharpkit.io import MeasurementProtocol
+        >>> from sharpkit.protocol import MeasurementProtocol
         >>> g = torch.linspace(-1, 1, 6)
         >>> s = Surface([g, g], 1 + g[:, None] ** 2 + 2 * g[None, :] ** 2, None, "plane",
         ...             MeasurementProtocol("grid"))
@@ -121,7 +121,7 @@ def plot_landscape_2d(surface: Any, *, levels: int = 15, title: str | None = Non
     Example:
         >>> import torch
         >>> from sharpkit.landscape import Surface
-        >>> from sharpkit.io import MeasurementProtocol
+        >>> from sharpkit.protocol import MeasurementProtocol
         >>> g = torch.linspace(-1, 1, 7)
         >>> s = Surface([g, g], 1 + g[:, None] ** 2 + 2 * g[None, :] ** 2, None, "plane",
         ...             MeasurementProtocol("grid"))

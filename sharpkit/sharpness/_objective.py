@@ -21,7 +21,7 @@ from torch import nn
 from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch, split_batch
 from sharpkit._functional import FrozenModel, RandomState, check_model_mode_dtype
 from sharpkit.curvature._linop import make_generator
-from sharpkit.io.results import MeasurementProtocol
+from sharpkit.protocol import MeasurementProtocol
 
 __all__ = [
     "Cost",
@@ -80,7 +80,7 @@ class MetricResult:
     protocol: MeasurementProtocol
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form (see :func:`sharpkit.io.to_jsonable`)."""
+        """Plain-JSON form (see :func:`sharpkit.protocol.to_jsonable`)."""
         return dataclasses.asdict(self)
 
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sharpkit.io.results import MeasurementProtocol, to_jsonable, write_json_atomic
+from sharpkit.io.results import write_json_atomic
+from sharpkit.protocol import MeasurementProtocol, to_jsonable
 from sharpkit.sharpness._objective import Cost, MetricResult, Objective, supervised_accuracy
 from sharpkit.sharpness._registry import REGISTRY, resolve_options
 from sharpkit.sharpness.average_case import _average_case

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sharpkit.curvature import HessianOperator
-from sharpkit.io.results import to_jsonable
+from sharpkit.protocol import to_jsonable
 from sharpkit.testing import ORACLE_CASES, dense_hessian, oracle_cases
 
 F64 = torch.float64
