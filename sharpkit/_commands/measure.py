@@ -97,8 +97,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--loss",
         default="cross_entropy",
-        help="cross_entropy (default), mse, or a spec of loss_fn(model, batch) or of a "
-        "zero-argument factory returning a loss (e.g. torch.nn:CrossEntropyLoss)",
+        help="cross_entropy (default), mse, hf (the loss a Hugging Face model computes "
+        "from dict batches with labels; accuracy then defaults to its arg-max accuracy), "
+        "or a spec of loss_fn(model, batch) or of a zero-argument factory returning a "
+        "loss (e.g. torch.nn:CrossEntropyLoss)",
     )
     p.add_argument(
         "--accuracy",
@@ -301,6 +303,10 @@ def _load_loss(spec: str) -> Any:
         return nn.CrossEntropyLoss()
     if spec == "mse":
         return nn.MSELoss()
+    if spec == "hf":  # models that compute their loss from dict batches with labels
+        from sharpkit.hf import hf_loss
+
+        return hf_loss
     loss = _function_or_factory(spec, "loss")
     from sharpkit._batch import as_batch_loss
 
@@ -594,6 +600,10 @@ def _validate(args: Any) -> tuple[Any, Any, list[Any], Any]:
             raise BadInput("--data: required with a CHECKPOINT ('digits' or a spec)")
         loss = _load_loss(args.loss)
         accuracy = _load_accuracy(args.accuracy)
+        if accuracy is None and args.loss == "hf":
+            from sharpkit.hf import hf_accuracy
+
+            accuracy = hf_accuracy  # arg-max of the logits (token-level for language models)
     from sharpkit.sharpness._registry import resolve_options
 
     resolved = resolve_options(args.metric_names, args.options)
