@@ -32,7 +32,6 @@ import argparse
 import datetime
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -42,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from analysis.benchmarks.harness import Row, machine_info, write_table
+from analysis.benchmarks.harness import Row, machine_info, rows_from_samples, write_table
 
 RESULTS = Path(__file__).parent / "results" / "distributed.md"
 EXAMPLES, BATCH = 4096, 512
@@ -190,27 +189,13 @@ def _timed(cases: list, baseline: str, rounds: int) -> list[Row]:
             fn()
             dist.barrier()
             samples[(g, n)].append(time.perf_counter() - t0)
-    rows = []
-    for g, n, _ in cases:
-        base = samples[(g, baseline)]
-        s = samples[(g, n)]
-        ratios = [a / b for a, b in zip(s, base)]
-        q, qr = statistics.quantiles(s, n=4), statistics.quantiles(ratios, n=4)
-        rows.append(
-            Row(
-                group=g,
-                name=n,
-                baseline=baseline,
-                median_ms=1e3 * statistics.median(s),
-                q1_ms=1e3 * q[0],
-                q3_ms=1e3 * q[2],
-                ratio=statistics.median(ratios),
-                ratio_q1=qr[0],
-                ratio_q3=qr[2],
-                rounds=rounds,
-                calls=1,
-            )
-        )
+    rows: list[Row] = []
+    for group in dict.fromkeys(g for g, _, _ in cases):  # groups in order, each its baseline
+        names = [n for g, n, _ in cases if g == group]
+        rows += rows_from_samples(
+            [(group, n, "") for n in names], {n: samples[(group, n)] for n in names}, baseline,
+            rounds, 1,
+        )  # fmt: skip
     return rows
 
 

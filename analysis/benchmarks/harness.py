@@ -25,7 +25,7 @@ import torch
 
 from sharpkit._device import machine_info
 
-__all__ = ["Case", "Row", "compare", "machine_info", "sync", "write_table"]
+__all__ = ["Case", "Row", "compare", "machine_info", "rows_from_samples", "sync", "write_table"]
 
 
 def sync(device: torch.device | str | None = None) -> None:
@@ -105,17 +105,32 @@ def compare(
         order = cases if r % 2 == 0 else list(reversed(cases))
         for c in order:
             samples[c.name].append(_time_once(c.fn, calls, device))
+    return rows_from_samples(
+        [(c.group, c.name, c.note) for c in cases], samples, baseline, rounds, calls
+    )
+
+
+def rows_from_samples(
+    cases: Sequence[tuple[str, str, str]],
+    samples: dict[str, list[float]],
+    baseline: str,
+    rounds: int,
+    calls: int,
+) -> list[Row]:
+    """One :class:`Row` per ``(group, name, note)`` case from per-round times in seconds
+    (``samples[name]``, rounds aligned with ``samples[baseline]``): the median and
+    quartiles of the times and of the per-round ratios to the baseline."""
     base = samples[baseline]
     rows = []
-    for c in cases:
-        s = samples[c.name]
+    for group, name, note in cases:
+        s = samples[name]
         ratios = [a / b for a, b in zip(s, base)]
         q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
         qr = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
         rows.append(
             Row(
-                group=c.group,
-                name=c.name,
+                group=group,
+                name=name,
                 baseline=baseline,
                 median_ms=1e3 * statistics.median(s),
                 q1_ms=1e3 * q[0],
@@ -125,7 +140,7 @@ def compare(
                 ratio_q3=qr[2],
                 rounds=rounds,
                 calls=calls,
-                note=c.note,
+                note=note,
             )
         )
     return rows
