@@ -407,7 +407,8 @@ EXPERIMENT = Experiment(
     decide=decide,
     plot=_plot,
     setting=_setting,
-    bounds={
+    bounds={  # first match wins: the differences before the accuracies
+        "acc_*_minus_*": (-1.0, 1.0),
         "acc_*": (0.0, 1.0),
         "val_acc_*": (0.0, 1.0),
         "gain_*": (-1.0, 1.0),

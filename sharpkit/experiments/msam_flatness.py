@@ -271,11 +271,9 @@ EXPERIMENT = Experiment(
     decide=decide,
     plot=_plot,
     setting=_setting,
-    bounds={
-        "acc_sgd": (0.0, 1.0),
-        "acc_sam": (0.0, 1.0),
-        "acc_msam*": (0.0, 1.0),
+    bounds={  # first match wins: the differences before the accuracies
         "acc_*_minus_*": (-1.0, 1.0),
+        "acc_*": (0.0, 1.0),
         "spearman_*": (-1.0, 1.0),
         "*loss*": (0.0, math.inf),
         "trace_stderr_*": (0.0, math.inf),
