@@ -26,8 +26,9 @@ def _tqdm_class() -> Any:
     return tqdm
 
 
-def progress_bar(iterable: Iterable[Any], desc: str, enabled: bool, **kwargs: Any) -> Any:
-    """``iterable`` with a tqdm bar when ``enabled`` and stderr is a terminal.
+def progress_bar(iterable: Iterable[Any] | None, desc: str, enabled: bool, **kwargs: Any) -> Any:
+    """``iterable`` with a tqdm bar when ``enabled`` and stderr is a terminal (``None`` and
+    ``total=``: a bar updated by hand).
 
     Example:
         >>> list(progress_bar(range(3), "demo", enabled=False))

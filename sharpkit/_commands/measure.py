@@ -406,7 +406,6 @@ def _steps(paths: list[str]) -> tuple[list[int], str]:
 def _figures(
     report: Any, model: Any, loss: Any, data: Any, out: Path, args: Any, trajectory: Any
 ) -> list[str]:
-    import torch
 
     from sharpkit.landscape import (
         filter_normalized_direction,
@@ -415,21 +414,17 @@ def _figures(
         pca_directions,
     )
     from sharpkit.plotting._save import save_figure
-    from sharpkit.plotting.landscape import plot_surface_1d, plot_surface_2d
+    from sharpkit.plotting.landscape import plot_landscape_2d, plot_surface_1d, plot_surface_2d
 
     files: list[str] = []
     progress = not args.no_progress and sys.stderr.isatty()
     if "esd" in report.metrics:
-        import matplotlib.pyplot as plt
+        from sharpkit.plotting.curvature import plot_spectral_density
 
-        d = report.metrics["esd"].details
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        density = torch.tensor(d["density"])
-        ax.semilogy(d["grid"], density.clamp_min(1e-12))
+        ax = plot_spectral_density(report.metrics["esd"].details)
         ax.set_xlabel("Hessian eigenvalue")
-        ax.set_ylabel("density (SLQ)")
-        ax.set_title("Hessian spectral density")
-        files += [str(p) for p in save_figure(fig, out, "esd", formats=("png",))]
+        ax.set_title("Hessian spectral density (SLQ)")
+        files += [str(p) for p in save_figure(ax.figure, out, "esd", formats=("png",))]
     if args.no_landscape:
         return files
     kw = dict(device=args.device_obj, dtype=args.dtype_obj, progress=progress)
@@ -440,13 +435,7 @@ def _figures(
     ax.set_title("1-D loss (filter-normalised direction)")
     files += [str(p) for p in save_figure(ax.figure, out, "landscape_1d", formats=("png",))]
     s2 = loss_surface_2d(model, loss, data, [d1, d2], steps=21, **kw)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    plot_surface_2d(s2, axes[0], filled=False, levels=15)
-    plot_surface_2d(s2, axes[1], filled=True)
-    fig.suptitle("2-D loss (filter-normalised directions)")
-    fig.tight_layout()
+    fig = plot_landscape_2d(s2, title="2-D loss along two filter-normalised directions")
     files += [str(p) for p in save_figure(fig, out, "landscape_2d", formats=("png",))]
     surfaces = {"landscape_1d": s1.to_dict(), "landscape_2d": s2.to_dict()}
     if trajectory is not None:

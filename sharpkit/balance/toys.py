@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from sharpkit._progress import progress_bar
 
 from .rules import bar_coefficient, bar_signs, check_schedule
 
@@ -298,7 +299,7 @@ def simulate(
 
     rec_steps, bal, losses = [0], [], []
     record()
-    for t in tqdm(range(steps), disable=not progress, desc=f"toy {method}"):
+    for t in progress_bar(range(steps), f"toy {method}", enabled=progress):
         target = toy.sample_target((runs,))
         gx, gy = toy.grads(x, y, target)
         if method == "sam":

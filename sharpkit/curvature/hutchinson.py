@@ -48,8 +48,8 @@ from typing import Any
 
 import scipy.stats
 import torch
-from tqdm.auto import tqdm
 
+from sharpkit._progress import progress_bar
 from sharpkit.curvature._linop import as_operator, make_generator, operator_protocol, rademacher
 from sharpkit.protocol import MeasurementProtocol, to_jsonable
 
@@ -206,7 +206,7 @@ def _sample(
 ) -> None:
     """Draw up to ``running.cap`` probes; stop when narrow, or when unreachable (or warn)."""
     warned = False
-    for _ in tqdm(range(running.cap), desc=name, disable=not progress, leave=False):
+    for _ in progress_bar(range(running.cap), name, enabled=progress):
         samples.append(probe())
         running.add(samples[-1])
         if running.narrow():

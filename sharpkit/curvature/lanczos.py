@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 import torch
-from tqdm.auto import tqdm
 
+from sharpkit._progress import progress_bar
 from sharpkit.curvature._linop import as_operator, gaussian, make_generator, operator_protocol
 from sharpkit.protocol import MeasurementProtocol, to_jsonable
 
@@ -212,7 +212,7 @@ def lanczos_tridiagonal(
     matvecs = 0
     block_start = 0
     scale = 0.0
-    bar = tqdm(total=max_steps, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(None, desc, enabled=progress, total=max_steps)
     for j in range(max_steps):
         stored = basis.append(q)
         q.copy_(stored)  # the recurrence uses the vector H is applied to

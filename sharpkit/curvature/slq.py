@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from sharpkit._progress import progress_bar
 from sharpkit.curvature._linop import as_operator, make_generator, operator_protocol, rademacher
 from sharpkit.curvature.lanczos import _tridiag_eigh, lanczos_tridiagonal
 from sharpkit.protocol import MeasurementProtocol, to_jsonable
@@ -127,7 +127,7 @@ def spectral_density(
     nodes = np.full((runs, steps), np.nan)
     weights = np.zeros((runs, steps))
     matvecs = 0
-    for r in tqdm(range(runs), desc="SLQ", disable=not progress, leave=False):
+    for r in progress_bar(range(runs), "SLQ", enabled=progress):
         v = rademacher(op.dim, gen, op.dtype, op.device)
         state = lanczos_tridiagonal(op, v, steps, restart_on_breakdown=False)
         matvecs += state.matvecs

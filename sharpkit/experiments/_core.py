@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from sharpkit._progress import progress_bar
 from sharpkit.protocol import to_jsonable
 
 __all__ = [
@@ -509,12 +510,7 @@ def run_experiment(
         _write_text(folder / "config.json", _config_record(base) + "\n")
     runs: list[RunResult] = []
     cached_seeds: list[int] = []
-    it: Iterable[int] = seed_list
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(seed_list, desc=experiment.name, unit="seed")
-    for seed in it:
+    for seed in progress_bar(seed_list, experiment.name, enabled=progress, unit="seed"):
         cfg = dataclasses.replace(base, seed=seed)
         path = folder / f"seed{seed}.json" if folder is not None else None
         if path is not None and path.exists() and not force:

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from sharpkit._progress import progress_bar
 from sharpkit.protocol import MeasurementProtocol, to_jsonable
 from sharpkit.sharpness._objective import Objective, supervised_accuracy
 
@@ -148,7 +148,7 @@ def loss_surface_1d(
     acc_fn = _accuracy(obj, accuracy_fn)
     loss = torch.empty(steps, dtype=torch.float64)
     acc = torch.empty(steps, dtype=torch.float64) if acc_fn else None
-    for i, a in enumerate(tqdm(xs.tolist(), desc="1-D surface", disable=not progress, leave=False)):
+    for i, a in enumerate(progress_bar(xs.tolist(), "1-D surface", enabled=progress)):
         loss[i], ai = _evaluate(obj, [float(a) * t for t in d], acc_fn)
         if acc is not None:
             acc[i] = ai
@@ -197,7 +197,7 @@ def loss_surface_2d(
     loss = torch.empty(nx, ny, dtype=torch.float64)
     acc = torch.empty(nx, ny, dtype=torch.float64) if acc_fn else None
     points = [(i, j) for i in range(nx) for j in range(ny)]
-    for i, j in tqdm(points, desc="2-D surface", disable=not progress, leave=False):
+    for i, j in progress_bar(points, "2-D surface", enabled=progress):
         a, b = float(xs[i]), float(ys[j])
         loss[i, j], aij = _evaluate(obj, [a * t1 + b * t2 for t1, t2 in zip(d1, d2)], acc_fn)
         if acc is not None:
@@ -248,9 +248,7 @@ def interpolate_checkpoints(
     acc_fn = _accuracy(obj, accuracy_fn)
     loss = torch.empty(steps, dtype=torch.float64)
     acc = torch.empty(steps, dtype=torch.float64) if acc_fn else None
-    for i, t in enumerate(
-        tqdm(ts.tolist(), desc="interpolation", disable=not progress, leave=False)
-    ):
+    for i, t in enumerate(progress_bar(ts.tolist(), "interpolation", enabled=progress)):
         state = {}
         for k, va in state_a.items():
             vb = state_b[k]
