@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from sharpkit._progress import progress_bar
+from sharpkit.io.results import ordinary_permissions, write_bytes_atomic, write_json_atomic
 from sharpkit.protocol import to_jsonable
 
 __all__ = [
@@ -392,38 +393,8 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
-def _ordinary_mode() -> int:
-    """``0o666`` less the process umask: the mode ``open()`` would give a new file
-    (``mkstemp`` gives ``0o600``)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and
-    ``os.replace``, with ordinary permissions (``0o666`` less the umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, _ordinary_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _write_json(path: Path, obj: Any) -> Path:
-    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
-    return _write_atomic(path, text.encode())
-
-
 def _write_text(path: Path, text: str) -> Path:
-    return _write_atomic(Path(path), text.encode())
+    return write_bytes_atomic(Path(path), text.encode())
 
 
 def _load_cached(path: Path, cfg: ExperimentConfig, experiment: Experiment) -> RunResult | None:
@@ -454,11 +425,10 @@ def _plot_atomic(experiment: Experiment, report: ExperimentReport, folder: Path)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".plot-"))
     try:
         written = experiment.plot(report, tmp) if experiment.plot is not None else []
-        mode = _ordinary_mode()
         paths = []
         for p in written:
             final = folder / Path(p).name
-            os.chmod(p, mode)
+            ordinary_permissions(p)
             os.replace(p, final)
             paths.append(str(final))
         return paths
@@ -526,7 +496,7 @@ def run_experiment(
         result.cpu_seconds = time.process_time() - cpu0
         result.digest = result.content_digest()
         if path is not None:
-            _write_json(path, result)
+            write_json_atomic(path, result)
         runs.append(result)
     stats = _summarize_all(experiment, runs)
     report = ExperimentReport(
@@ -552,7 +522,7 @@ def run_experiment(
             report.figures = _plot_atomic(experiment, report, folder)
         summary = dataclasses.asdict(report)
         summary.pop("runs")
-        _write_json(folder / "summary.json", summary)
+        write_json_atomic(folder / "summary.json", summary)
     return report
 
 

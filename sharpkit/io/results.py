@@ -16,7 +16,13 @@ from typing import Any
 
 from sharpkit.protocol import to_jsonable
 
-__all__ = ["read_json", "write_json_atomic"]
+__all__ = [
+    "ordinary_permissions",
+    "read_json",
+    "writable_file",
+    "write_bytes_atomic",
+    "write_json_atomic",
+]
 
 
 def ordinary_permissions(path: str | Path) -> None:
@@ -44,14 +50,21 @@ def writable_file(path: Any) -> Path:
     return path
 
 
-def write_json_atomic(path: str | Path, obj: Any, *, indent: int = 2) -> Path:
-    """Write ``to_jsonable(obj)`` to ``path`` atomically (temp file + rename)."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and
+    ``os.replace``, with ordinary permissions: a crash never leaves a half-written file.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = write_bytes_atomic(os.path.join(tempfile.mkdtemp(), "a", "x.txt"), b"hi")
+        >>> p.read_bytes()
+        b'hi'
+    """
     path = writable_file(path)
-    text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         ordinary_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -59,6 +72,12 @@ def write_json_atomic(path: str | Path, obj: Any, *, indent: int = 2) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def write_json_atomic(path: str | Path, obj: Any, *, indent: int = 2) -> Path:
+    """Write ``to_jsonable(obj)`` to ``path`` atomically (:func:`write_bytes_atomic`)."""
+    text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False) + "\n"
+    return write_bytes_atomic(path, text.encode())
 
 
 def read_json(path: str | Path) -> Any:
