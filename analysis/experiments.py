@@ -15,6 +15,7 @@ Usage::
     python -m analysis.experiments --scale large --device cuda
     python -m analysis.experiments theorem2 wen_sharpness --force
     python -m analysis.experiments --table-only    # CLAIMS-table.md from CLAIMS-small.md
+                                                   # (and into README.md between its markers)
 
 Finished seeds of the same config and version are reused on a rerun (unless
 ``--force``; the report says which); the same as ``sharpkit experiment all --out
@@ -57,6 +58,22 @@ def write_table(report_path: Path, out: Path) -> Path:
     return _write_text(out / "CLAIMS-table.md", table_from_report(report_path, link))
 
 
+README = ROOT / "README.md"
+_MARKERS = ("<!-- claims-table:start -->", "<!-- claims-table:end -->")
+
+
+def update_readme(table: str, readme: Path = README) -> bool:
+    """Put ``table`` between the README's claims-table markers; ``False`` if it has none."""
+    text = readme.read_text()
+    start, end = _MARKERS
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    _write_text(readme, f"{head}{start}\n{table}{end}{tail}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", help="experiments to run (default: all)")
@@ -75,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.table_only:
         if not report_path.is_file():
             ap.error(f"no claims report at {report_path}")
-        print(f"claims table: {write_table(report_path, args.out)}")
+        table = write_table(report_path, args.out)
+        print(f"claims table: {table}")
+        if args.out == FIGURES and args.scale == "small" and update_readme(table.read_text()):
+            print(f"claims table pasted into {README}")
         return 0
     unknown = [n for n in args.names if n not in EXPERIMENTS]
     if unknown:
@@ -103,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.names:
         claims_report(reports, report_path, machine=describe_machine(device))
         print(f"claims report: {report_path}")
-        print(f"claims table: {write_table(report_path, args.out)}")
+        table = write_table(report_path, args.out)
+        print(f"claims table: {table}")
+        if args.out == FIGURES and args.scale == "small" and update_readme(table.read_text()):
+            print(f"claims table pasted into {README}")
     return 0
 
 

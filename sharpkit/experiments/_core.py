@@ -1,6 +1,6 @@
 """The shape every experiment shares: typed seeded configs, results, verdicts, a runner.
 
-An experiment tests one claim from the papers (PAPERS.md) and can pass or fail.
+An experiment tests one claim from the papers (see docs/theory.md) and can pass or fail.
 It is an :class:`Experiment`: a config dataclass with three preset scales
 (``"test"``: seconds, for the test suite; ``"small"``: under two minutes on a
 2-core CPU; ``"large"``: GPU sizes), a function ``run(config) -> RunResult`` for

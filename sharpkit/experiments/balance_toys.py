@@ -208,7 +208,7 @@ EXPERIMENT = Experiment(
         "SGD and normalised SGD conserve balancedness (drift O(eta)); SAM drives |B| down on NOP "
         "and OP, faster with noisier data."
     ),
-    source="Li, Zhang, He (NeurIPS 2024), Theorems 1-3 and Appendix A.4; PAPERS.md section 4.",
+    source="Li, Zhang, He (NeurIPS 2024), Theorems 1-3 and Appendix A.4.",
     config_cls=BalanceToysConfig,
     scales={
         "test": BalanceToysConfig(

@@ -393,7 +393,7 @@ EXPERIMENT = Experiment(
         "(SAM costs about twice as much)."
     ),
     source="Li, Zhang, He (NeurIPS 2024), Implicit Regularization of SAM for Scale-Invariant "
-    "Problems, Section 5 and Tables 2-5; PAPERS.md section 4.",
+    "Problems, Section 5 and Tables 2-5.",
     config_cls=LoRADigitsConfig,
     scales={
         "test": LoRADigitsConfig(

@@ -293,7 +293,7 @@ EXPERIMENT = Experiment(
         "nBAR, acting on each layer separately, does not slow down."
     ),
     source="Li, Zhang, He (NeurIPS 2024), Implicit Regularization of SAM for Scale-Invariant "
-    "Problems, Theorem 5; PAPERS.md section 4.",
+    "Problems, Theorem 5.",
     config_cls=ManyLayersConfig,
     scales={
         "test": ManyLayersConfig(depths=(1, 4), width=6, steps=120, record_every=20),

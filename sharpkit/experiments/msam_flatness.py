@@ -259,7 +259,7 @@ EXPERIMENT = Experiment(
         "mSAM reaches flatter minima than SAM, flatter as the number m of micro-batches "
         "grows; and it generalises better than SAM."
     ),
-    source="Behdin et al. (2023), mSAM: Micro-Batch-Averaged Sharpness-Aware Minimization; PAPERS.md section 2.",
+    source="Behdin et al. (2023), mSAM: Micro-Batch-Averaged Sharpness-Aware Minimization.",
     config_cls=MSAMFlatnessConfig,
     scales={
         "test": MSAMFlatnessConfig(epochs=3, micro_batches=(4,), trace_samples=30),

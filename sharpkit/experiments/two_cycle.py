@@ -180,7 +180,7 @@ EXPERIMENT = Experiment(
         "On a quadratic, SAM ends in a 2-cycle across the minimum along the top eigenvector, "
         "with amplitude eta*lambda*rho/(2 - eta*lambda)."
     ),
-    source="Bartlett, Long, Bousquet (2023), The Dynamics of Sharpness-Aware Minimization; PAPERS.md section 6.",
+    source="Bartlett, Long, Bousquet (2023), The Dynamics of Sharpness-Aware Minimization.",
     config_cls=TwoCycleConfig,
     scales={
         "test": TwoCycleConfig(dim=5, eta_lambdas=(0.5, 1.5), steps=800, tail=20),

@@ -207,7 +207,7 @@ def _mlp_loss(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> t
 
 
 def test_twenty_step_trajectory_matches_rederivation() -> None:
-    """SAM + SGD(momentum, weight decay), written out by hand from PAPERS.md section 1."""
+    """SAM + SGD(momentum, weight decay), written out by hand from Foret et al. (2021), Algorithm 1."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(F64)
     rho, lr, mom, wd = 0.08, 0.2, 0.9, 1e-3
