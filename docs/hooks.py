@@ -117,7 +117,7 @@ def on_files(files, config):
     files.append(File.generated(config, "api/index.md", content="\n".join(index) + "\n"))
     files.append(File.generated(config, "benchmarks.md", content=_benchmarks_page()))
     figures = ROOT / "figures" / "experiments"
-    for png in sorted(figures.glob("*/*/*.png")):
+    for png in sorted(figures.rglob("*.png")):  # NAME/SCALE/KEY/NAME.png
         rel = png.relative_to(figures).as_posix()
         files.append(File.generated(config, f"claims/{rel}", abs_src_path=str(png)))
     # A real File rooted at the repository (not a generated one): mkdocs-jupyter wraps
