@@ -150,9 +150,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="CPU intra-op threads (default: the cores the 1-minute load average leaves "
-        "idle, at least 1 and at most torch's choice; 1 for --demo, whose tiny model only "
-        "loses to thread synchronisation; on a busy 2-core machine 2 threads made 100 "
-        "products on the demo model 23-33x slower than 1 thread, and on a 0.35M CNN 9-10x)",
+        "idle, at least 1 and at most torch's choice, since threads that wait on a core "
+        "held by another process stall every parallel region; 1 for --demo, whose tiny "
+        "model only loses to thread synchronisation)",
     )
     p.add_argument(
         "--hvp",
