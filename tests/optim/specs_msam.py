@@ -35,10 +35,6 @@ from .registry import OptimizerSpec, default_batch
 M = 4
 
 
-def msam_step(opt: Any, model: nn.Module, loss_fn: Any, batch: Any) -> Any:
-    return opt.step(loss_fn, batch)
-
-
 def layernorm_model(dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
