@@ -20,32 +20,10 @@ from sharpkit.optim import (
     UniformWeights,
 )
 from sharpkit.per_example import per_example_gradients
+from tests.test_per_example import data, flat_grad, mlp, per_ex  # the shared small problem
 
 F64 = torch.float64
 MODES = ["exact", "probe", "forward-only"]
-
-
-def mlp(seed: int = 0, norm: type[nn.Module] | None = None) -> nn.Module:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Linear(5, 10)]
-    if norm is not None:
-        layers.append(norm(10))
-    layers += [nn.Tanh(), nn.Linear(10, 3)]
-    return nn.Sequential(*layers).to(F64)
-
-
-def data(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
-
-
-def per_ex(model, batch):
-    x, y = batch
-    return nn.functional.cross_entropy(model(x), y, reduction="none")
-
-
-def flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    return list(torch.autograd.grad(loss, params))
 
 
 # -- tau -> infinity (uniform weights) is SAM -------------------------------------------------
