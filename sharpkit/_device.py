@@ -37,6 +37,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+def _affinity() -> dict[str, Any]:
+    """The CPUs this process may run on, when it is pinned to fewer than all of them."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return {}
+    return {"pinned_to_cpus": ",".join(map(str, cpus))} if len(cpus) < (os.cpu_count() or 0) else {}
+
+
 def machine_info(device: Any = None) -> dict[str, Any]:
     """What a measurement ran on: CPU model, cores, threads, versions, device, GPU."""
     cpu = platform.processor() or platform.machine()
@@ -52,6 +61,7 @@ def machine_info(device: Any = None) -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        **_affinity(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": str(device or "cpu"),

@@ -36,6 +36,7 @@ import argparse
 import copy
 import json
 import multiprocessing as mp
+import os
 import resource
 import sys
 import time
@@ -465,9 +466,8 @@ def threads_check(rounds: int) -> Path:
     lines = [
         "### CLI thread default: the same work at 1 thread and at torch's default",
         "",
-        f"torch default here: {default} threads on {os.cpu_count()} cores. The machine was "
-        "shared with six other developers' jobs (1-minute load average at each round in "
-        "the last column). Rounds alternate the order.",
+        f"torch default here: {default} threads on {os.cpu_count()} cores (1-minute load "
+        "average of the machine at each round in the last column). Rounds alternate the order.",
         "",
         "| work | round | 1 thread s | default threads s | default / 1 | load |",
         "|---|---|---|---|---|---|",
@@ -561,6 +561,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = 10 if args.quick else 40
     cap = 30 if args.quick else 60
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     rows, measured = [], {}
     stages = args.stages.split(",")
     partial = Path(out).with_suffix(".partial.json")
@@ -591,9 +592,9 @@ def main(argv: list[str] | None = None) -> None:
             partial.write_text(json.dumps(measured, indent=2, default=str) + "\n")
             print(size, stage, f"{time.perf_counter() - t0:.0f}s", flush=True)
     notes = [
-        "The machine was shared with six other developers' jobs during this run (2 cores "
-        "for all): wall times carry their load; ratios in the first table are interleaved "
-        "(same round), the other tables are single runs.",
+        f"1-minute load average of the machine: {load_start:.1f} at the start of this run, "
+        f"{os.getloadavg()[0]:.1f} at its end. Ratios in the first table are interleaved "
+        "(same round); the other tables are single runs.",
         "",
         f"#### Eigenvalues: products / wall time to {ACC:g} (error: max relative to lambda_1, "
         "against scipy eigsh tol 1e-6 on sharpkit's float32 operator)",
