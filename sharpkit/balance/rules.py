@@ -93,7 +93,7 @@ def schedule_factor(schedule: str, step: int, total_steps: int | None) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def bar_signs(variant: str, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+def bar_signs(variant: str, first: Any, second: Any) -> Any:
     """The sign ``s`` of the update of ``x`` (``y`` gets ``-s``), elementwise over pairs.
 
     ``x <- (1 + s a_t eta_t) x``, ``y <- (1 - s a_t eta_t) y``. For nBAR ``first``
@@ -102,17 +102,23 @@ def bar_signs(variant: str, first: torch.Tensor, second: torch.Tensor) -> torch.
     ``s = -1`` when ``||x|| >= ||y||``. Ties take the first branch, as in the
     paper's algorithms.
 
+    Args:
+        variant: ``"nbar"`` or ``"obar"``.
+        first, second: tensors of the same shape (the signs come back as a
+            tensor of their dtype), or sequences of floats (a list of floats comes
+            back: what the optimizer uses once the norms are on the host).
+
     Example:
         >>> bar_signs("nbar", torch.tensor([2.0, 1.0]), torch.tensor([1.0, 2.0]))
         tensor([ 1., -1.])
-        >>> bar_signs("obar", torch.tensor([2.0, 1.0]), torch.tensor([1.0, 2.0]))
-        tensor([-1.,  1.])
+        >>> bar_signs("obar", [2.0, 1.0], [1.0, 2.0])
+        [-1.0, 1.0]
     """
-    ge = first >= second
-    one = torch.ones((), dtype=first.dtype, device=first.device)
-    s = torch.where(ge, one, -one)
-    if variant == "nbar":
-        return s
-    if variant == "obar":
-        return -s
-    raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    up = 1.0 if variant == "nbar" else -1.0  # the sign when first >= second
+    if isinstance(first, torch.Tensor):
+        ge = first >= second
+        one = torch.full((), up, dtype=first.dtype, device=first.device)
+        return torch.where(ge, one, -one)
+    return [up if a >= b else -up for a, b in zip(first, second, strict=True)]

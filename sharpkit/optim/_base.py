@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -289,48 +290,42 @@ def check_loss(loss: Any, reduction: str, n: int | None, where: str) -> torch.Te
 
 
 class _StateSnapshot:
-    """Copies of the base optimizer's per-parameter state, in reusable storage."""
+    """Copies of the base optimizer's per-parameter state, in reusable storage.
+
+    ``save`` keeps a shallow copy of each parameter's state dict (its keys and
+    non-tensor values, and which tensor objects it held) and copies the values of
+    those tensors into storage kept between steps; ``restore`` puts the dicts back
+    and copies the values back into the same tensor objects, so references held
+    elsewhere (a scheduler, a user) see the restored values.
+    """
 
     def __init__(self) -> None:
-        self._keys: list[tuple[Any, dict[str, Any]]] = []
+        self._dicts: list[tuple[Any, dict[str, Any]]] = []
         self._src: list[torch.Tensor] = []
         self._dst: list[torch.Tensor] = []
-        self._present: set[int] = set()
 
     @torch.no_grad()
     def save(self, state: dict[Any, dict[str, Any]]) -> None:
-        src: list[torch.Tensor] = []
-        keys: list[tuple[Any, dict[str, Any]]] = []
-        for p, s in state.items():
-            plain = {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)}
-            keys.append((p, {"keys": list(s), "plain": plain}))
-            src.extend(v for v in s.values() if isinstance(v, torch.Tensor))
-        same = len(src) == len(self._src) and all(a is b for a, b in zip(src, self._src))
-        if not same:
+        self._dicts = [(p, dict(s)) for p, s in state.items()]
+        src = [v for _, d in self._dicts for v in d.values() if isinstance(v, torch.Tensor)]
+        if len(src) == len(self._src) and all(map(operator.is_, src, self._src)):
+            if src:
+                torch._foreach_copy_(self._dst, src)
+        else:  # new state (first steps, a loaded state_dict): fresh storage
             self._dst = [t.detach().clone() for t in src]
             self._src = src
-        elif src:
-            torch._foreach_copy_(self._dst, src)
-        self._keys = keys
-        self._present = {id(p) for p, _ in keys}
 
     @torch.no_grad()
     def restore(self, state: dict[Any, dict[str, Any]]) -> None:
-        for p in [p for p in state if id(p) not in self._present]:
+        kept = {id(p) for p, _ in self._dicts}
+        for p in [p for p in state if id(p) not in kept]:
             del state[p]  # created by the failed step
-        i = 0
-        for p, info in self._keys:
+        for p, saved in self._dicts:
             s = state.setdefault(p, {})
-            for k in [k for k in s if k not in info["keys"]]:
-                del s[k]
-            for k in info["keys"]:
-                if k in info["plain"]:
-                    s[k] = info["plain"][k]
-                else:
-                    src, dst = self._src[i], self._dst[i]
-                    src.copy_(dst)
-                    s[k] = src
-                    i += 1
+            s.clear()
+            s.update(saved)
+        if self._src:
+            torch._foreach_copy_(self._src, self._dst)
 
 
 # ----------------------------------------------------------------------------
@@ -435,6 +430,7 @@ class WrappedOptimizer(Optimizer):
         self.model = model
         # buffers before the step, put back if it raises or is skipped
         self._pre_step_buffers = BufferSnapshot(model) if model is not None else None
+        self._buffers_saved = False
         self._wrapper_ready = True
 
     # -- groups ---------------------------------------------------------------
@@ -602,11 +598,13 @@ class WrappedOptimizer(Optimizer):
         if self._weights_saved and self._backup_params:
             torch._foreach_copy_(self._backup_params, self._backup)
 
-    def _begin(self) -> None:
+    def _begin(self, oracle: Oracle | None) -> None:
         self._step_loss: Any = None
         self._weights_saved = False
         self._state_saved = False
-        if self._pre_step_buffers is not None:
+        # buffers can only move if the step evaluates the model (a closure or loss_fn)
+        self._buffers_saved = oracle is not None and self._pre_step_buffers is not None
+        if self._buffers_saved:
             self._pre_step_buffers.save()
         self._extra_snapshot = self._save_extra()
 
@@ -614,7 +612,7 @@ class WrappedOptimizer(Optimizer):
         """Restore weights, buffers, optimizer state and extra state as before the step."""
         self._restore_perturbation()
         self._load_weights()
-        if self._pre_step_buffers is not None:
+        if self._buffers_saved:
             self._pre_step_buffers.restore()
         if self._state_saved:
             self._state_snapshot.restore(self.state)
@@ -706,7 +704,7 @@ class WrappedOptimizer(Optimizer):
 
     def _transaction(self, oracle: Oracle | None) -> Any:
         """Run the hooks and the base step; restore everything on exception or skip."""
-        self._begin()
+        self._begin(oracle)
         try:
             loss = self._run_and_reduce(oracle)
             if self._guarded_base_step():
@@ -789,8 +787,8 @@ class WrappedOptimizer(Optimizer):
                 torch._foreach_div_(grads, grad_scale.to(grads[0].device))
             self.base_optimizer.step()
             return True
-        grads = self._all_grads()
-        if check_finite and grads and not bool(torch.isfinite(global_norm(grads))):
+        grads = self._all_grads() if check_finite else []
+        if grads and not bool(torch.isfinite(global_norm(grads))):
             warnings.warn(
                 f"{type(self).__name__}: non-finite gradient; the step was skipped and "
                 "the weights are unchanged",

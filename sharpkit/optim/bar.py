@@ -334,17 +334,15 @@ class BAR(WrappedOptimizer):
             if check_finite and not bool(torch.isfinite(norms).all()):
                 return None
             return [], []
-        if self.variant == "obar":
-            first, second = norms[-2 * n_active : -n_active], norms[-n_active:]
-        else:
-            first, second = norms[:n_active], norms[n_active : 2 * n_active]
-        # the one sign rule (sharpkit.balance.rules), then one host sync for all
-        signs = bar_signs(self.variant, first, second).to(norms.dtype)
-        values = torch.cat([norms, signs]).tolist()
+        values = norms.tolist()  # the one host sync
         if check_finite and not all(map(math.isfinite, values)):
             return None
         gxn, gyn = values[:n_active], values[n_active : 2 * n_active]
-        sign = values[len(to_norm) :]
+        if self.variant == "obar":
+            first_h, second_h = values[-2 * n_active : -n_active], values[-n_active:]
+        else:
+            first_h, second_h = gxn, gyn
+        sign = bar_signs(self.variant, first_h, second_h)  # the one rule (balance.rules)
         tensors: list[torch.Tensor] = []
         scales: list[float] = []
         for k, i in enumerate(active):

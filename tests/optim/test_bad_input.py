@@ -290,3 +290,61 @@ def test_deltasam_refuses_a_bad_generator_state() -> None:
     with pytest.raises(ValueError, match="delta_sam_generator"):
         opt.load_state_dict({**sd, "delta_sam_generator": torch.zeros(3)})
     opt.load_state_dict(sd)  # the real one loads
+
+
+class _RebindsStateThenRaises(torch.optim.Optimizer):
+    """A base optimizer whose step mutates one state tensor in place, rebinds another
+    to a new tensor object, changes a plain value, adds a key and a new parameter's
+    state, and then raises: every way a step can change ``state``."""
+
+    def __init__(self, params, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+        self.armed = False
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        ps = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for p in ps[:-1]:
+            s = self.state[p]
+            if "acc" not in s:
+                s.update(acc=torch.zeros_like(p), other=torch.ones(()), count=0)
+            s["acc"].add_(p.grad)  # in place
+            s["other"] = s["other"] * 2.0  # a new tensor object
+            s["count"] += 1  # a plain value
+            p.add_(p.grad, alpha=-self.param_groups[0]["lr"])
+        if self.armed:
+            self.state[ps[0]]["extra"] = torch.ones(1)
+            self.state[ps[-1]]["acc"] = torch.zeros_like(ps[-1])  # a parameter with no state yet
+            raise RuntimeError("boom after changing the state")
+
+
+@pytest.mark.parametrize("make", ["SAM", "BAR"])
+def test_a_raising_base_step_restores_every_kind_of_state_change(make: str) -> None:
+    net = _lora()
+    x = _batch()[0]
+    cls = SAM if make == "SAM" else BAR
+    kw = {"rho": 0.05} if make == "SAM" else {"mu0": 0.5}
+    opt = cls(net.parameters(), _RebindsStateThenRaises, model=net, lr=0.1, **kw)
+    for _ in range(2):
+        opt.step(loss_fn=_mse, batch=(x,))
+    acc_objects = {id(p): s["acc"] for p, s in opt.state.items()}
+    before = {
+        id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+        for p, s in opt.state.items()
+    }
+    w = [p.detach().clone() for p in net.parameters()]
+    opt.base_optimizer.armed = True
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(loss_fn=_mse, batch=(x,))
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), w))
+    after = {id(p): s for p, s in opt.state.items()}
+    assert after.keys() == before.keys()  # the new parameter's state is gone
+    for pid, s in before.items():
+        assert after[pid].keys() == s.keys()  # the added key is gone
+        for k, v in s.items():
+            got = after[pid][k]
+            assert torch.equal(got, v) if torch.is_tensor(v) else got == v, (k, got, v)
+        assert after[pid]["acc"] is acc_objects[pid]  # restored into the same tensor
+    opt.base_optimizer.armed = False
+    opt.step(loss_fn=_mse, batch=(x,))  # and the optimizer goes on from there
+    assert all(s["count"] == 3 for s in opt.state.values())

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sharpkit.balance import FactorPair, LoRALinear, find_pairs
-from sharpkit.balance.rules import bar_coefficient
+from sharpkit.balance.rules import bar_coefficient, bar_signs
 from sharpkit.optim import BAR
 
 F64 = torch.float64
@@ -360,3 +360,17 @@ def test_optimizer_matches_closed_form_toy_simulation(toy_name: str, variant: st
     assert torch.allclose(x.detach(), run.x[0], rtol=0, atol=1e-12)
     assert torch.allclose(y.detach(), run.y[0], rtol=0, atol=1e-12)
     assert abs(run.balancedness[-1, 0]) < 0.5 * abs(run.balancedness[0, 0])  # it did balance
+
+
+@pytest.mark.parametrize("variant", ["nbar", "obar"])
+def test_the_sign_rule_is_the_same_on_tensors_and_on_host_floats(variant: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    first = torch.randint(0, 4, (64,), generator=g).float()  # many ties
+    second = torch.randint(0, 4, (64,), generator=g).float()
+    on_tensors = bar_signs(variant, first, second)
+    on_host = bar_signs(variant, first.tolist(), second.tolist())
+    assert on_tensors.tolist() == on_host
+    tie = first == second
+    assert (on_tensors[tie] == (1.0 if variant == "nbar" else -1.0)).all()  # ties: first branch
+    with pytest.raises(ValueError, match="variant"):
+        bar_signs("sam", [1.0], [2.0])
