@@ -71,8 +71,7 @@ def _evaluate(
     loss = obj.mean_loss(d)
     if acc_fn is None:
         return loss, None
-    acc = sum(obj.metric(acc_fn, b, d) * n for b, n in zip(obj.batches, obj.sizes))
-    return loss, acc / obj.num_examples
+    return loss, obj.weighted_mean([obj.metric(acc_fn, b, d) for b in obj.batches])
 
 
 def _accuracy(obj: Objective, accuracy_fn: Callable | None) -> Callable | None:
