@@ -241,16 +241,24 @@ class Oracle:
         self.reduction = reduction
         self.last_losses: torch.Tensor | None = None
         self.n: int | None = None
-        self.weight: float | None = None
         self.example_weights: torch.Tensor | None = None
         if loss_fn is not None:
             # local: _batch has no optim dependency
-            from .._batch import batch_size, batch_weight, example_weights
+            from .._batch import batch_size, example_weights
 
             self.n = batch_size(batch)
-            self.weight = batch_weight(loss_fn, batch)
             if reduction == "none":
                 self.example_weights = example_weights(loss_fn, batch)
+
+    @property
+    def weight(self) -> float | None:
+        """The batch's weight in a mean over batches or ranks (``None`` with a closure);
+        computed when asked (a token count reads the labels)."""
+        if self.loss_fn is None:
+            return None
+        from .._batch import batch_weight
+
+        return batch_weight(self.loss_fn, self.batch)
 
     @property
     def is_closure(self) -> bool:
@@ -1060,13 +1068,14 @@ class BatchDrivenSAM(SAMBase):
             return self._run(oracle)
         from sharpkit.distributed import all_reduce_sum
 
-        assert oracle is not None and oracle.weight is not None
+        assert oracle is not None and oracle.loss_fn is not None
         skipped: SkipStep | None = None
         try:
             loss = self._run(oracle)
         except SkipStep as skip:
             skipped, loss = skip, self._step_loss
         n = oracle.weight  # the batch's weight in the loss's normalisation (examples, tokens)
+        assert n is not None
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         has = [p.grad is not None for p in params] if skipped is None else [False] * len(params)
         value = float(loss) if skipped is None and loss is not None else 0.0

@@ -97,11 +97,14 @@ def test_delta_sam_exact_vectorises_and_per_example_gradients_match(name: str) -
         assert a.shape == (6, *p.shape)
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
     opt = DeltaSAM(params, torch.optim.SGD, rho=0.05, model=model, mode="exact", lr=0.1)
+    probe = DeltaSAM(params, torch.optim.SGD, rho=0.05, model=model, mode="probe", lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(2):
             opt.step(loss_fn=hf_per_example_loss, batch=batch)
+        probe.step(loss_fn=hf_per_example_loss, batch=batch)  # probes as one vmap
     assert opt.exact_fallback is None
+    assert getattr(probe, "_probe_fallback", None) is None
 
 
 def _fallback_warnings(record: list[warnings.WarningMessage]) -> list[str]:
