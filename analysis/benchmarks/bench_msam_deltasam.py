@@ -321,8 +321,9 @@ def benchmark_models(
     ]
 
 
-def hf_timing_cases(device: torch.device) -> list[Case]:
-    """SAM, mSAM and delta-SAM on tiny Hugging Face models at their default attention."""
+def hf_timing_cases(device: torch.device) -> list[list[Case]]:
+    """SAM, mSAM and delta-SAM on tiny Hugging Face models at their default attention
+    (one list of cases per model)."""
     import transformers
 
     from sharpkit.hf import hf_loss, hf_per_example_loss
@@ -343,7 +344,7 @@ def hf_timing_cases(device: torch.device) -> list[Case]:
     def gpt2() -> nn.Module:
         torch.manual_seed(0)
         cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab,
-                                      n_positions=t)  # fmt: skip
+                                      n_positions=t, bos_token_id=0, eos_token_id=0)  # fmt: skip
         return transformers.GPT2LMHeadModel(cfg)
 
     models = [
@@ -353,8 +354,9 @@ def hf_timing_cases(device: torch.device) -> list[Case]:
          ids.masked_fill(mask == 0, -100)),
     ]  # fmt: skip
     kw = {"lr": 0.01, "momentum": 0.9}
-    cases = []
+    groups = []
     for name, build, labels in models:
+        cases: list[Case] = []
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         batch = {k: v.to(device) for k, v in batch.items()}
 
@@ -377,7 +379,8 @@ def hf_timing_cases(device: torch.device) -> list[Case]:
             cases.append(Case(label,
                               lambda o=opt, b=batch: o.step(loss_fn=hf_per_example_loss, batch=b),
                               group=name))  # fmt: skip
-    return cases
+        groups.append(cases)
+    return groups
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -396,7 +399,9 @@ def main(argv: list[str] | None = None) -> None:
                 RESULTS / f"msam_deltasam_hf{'' if device.type == 'cpu' else '_' + device.type}.md"
             )
         rounds, calls = (3, 2) if args.quick else (15, 4)
-        rows = compare(hf_timing_cases(device), "SAM", rounds=rounds, calls=calls, device=device)
+        rows = []
+        for cases in hf_timing_cases(device):
+            rows += compare(cases, "SAM", rounds=rounds, calls=calls, device=device)
         write_table(
             rows,
             args.out,
