@@ -206,3 +206,19 @@ def test_delta_sam_exact_step_matches_a_direct_rederivation(tau: float) -> None:
     assert float(loss) == pytest.approx(float(hf_loss(ref_model, batch).detach()), rel=1e-12)
     if tau == float("inf"):  # uniform weighting is SAM on the token mean: e along g
         assert torch.allclose(g_lam, g, rtol=1e-9, atol=1e-14)
+
+
+def test_measure_sharpness_reports_the_token_mean_and_says_so() -> None:
+    from sharpkit.hf import hf_accuracy
+    from sharpkit.sharpness import measure_sharpness
+
+    model = _gpt2()
+    report = measure_sharpness(model, hf_loss, [A, B], metrics=["average_case"],
+                               accuracy_fn=hf_accuracy, params=BLOCK)  # fmt: skip
+    with torch.no_grad():
+        assert report.base["loss"] == pytest.approx(float(hf_loss(model, _cat(A, B))), rel=1e-12)
+        acc = float(hf_accuracy(model, _cat(A, B)))
+    assert report.base["accuracy"] == pytest.approx(acc, rel=1e-12)
+    proto = report.metrics["average_case"].protocol
+    assert proto.weighting == "tokens" and proto.extra["tokens"] == 26.0
+    assert report.to_dict()["metrics"]["average_case"]["protocol"]["weighting"] == "tokens"
