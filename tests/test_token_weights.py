@@ -222,3 +222,41 @@ def test_measure_sharpness_reports_the_token_mean_and_says_so() -> None:
     proto = report.metrics["average_case"].protocol
     assert proto.weighting == "tokens" and proto.extra["tokens"] == 26.0
     assert report.to_dict()["metrics"]["average_case"]["protocol"]["weighting"] == "tokens"
+
+
+@pytest.mark.parametrize("mode", ["exact", "probe", "forward-only"])
+def test_delta_sam_uniform_weighting_is_sam_on_the_token_mean(mode: str) -> None:
+    from sharpkit.optim import SAM, UniformWeights
+
+    batch = _cat(A, B)
+    a = _gpt2()
+    b = copy.deepcopy(a)
+    delta = DeltaSAM(a.parameters(), torch.optim.SGD, rho=0.05, model=a, mode=mode,
+                     weighting=UniformWeights(), lr=0.1)  # fmt: skip
+    sam = SAM(b.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+
+    def closure() -> torch.Tensor:
+        loss = hf_loss(b, batch)
+        loss.backward()
+        return loss
+
+    la = delta.step(loss_fn=hf_per_example_loss, batch=batch)
+    lb = sam.step(closure).detach()
+    assert float(la) == pytest.approx(float(lb), rel=1e-12)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_per_example_means_are_token_means() -> None:
+    from sharpkit.per_example import per_instance_target, perturbed_gradient
+
+    batch = _cat(A, B)
+    model = _gpt2()
+    _, g = _token_mean_grad(model, batch)
+    zero = [torch.zeros_like(p) for p in model.parameters()]
+    for got in (
+        perturbed_gradient(model, hf_per_example_loss, batch, zero, 0.1),
+        per_instance_target(model, hf_per_example_loss, batch, rho=0.0),
+    ):
+        for x, y in zip(got, g):
+            assert torch.allclose(x, y, rtol=1e-9, atol=1e-13)
