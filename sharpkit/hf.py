@@ -34,7 +34,8 @@ The tasks (``labels`` of shape ``(n,)`` or ``(n, T)``, ``-100`` ignored):
 
   ``L`` is a token mean; the weight of a sequence is its number of target
   tokens, that of a batch the sum (a sequence with no target token has weight 0
-  and per-example loss 0).
+  and per-example loss 0; so has a batch, or an mSAM micro-batch, with none,
+  where Hugging Face's own loss would be 0/0).
 - ``"token"``: the same without the shift (masked LM, token classification,
   encoder-decoder decoders' labels).
 - ``"sequence"``: one label per example: cross-entropy for integer labels,
@@ -291,8 +292,8 @@ class HFLoss(_Weighted):
             return losses.mean() if self.reduction == "mean" else losses
         token = _token_losses(task, logits, labels)
         mask = _token_mask(task, labels).to(token.device)
-        if self.reduction == "mean":
-            return token.sum() / mask.sum()
+        if self.reduction == "mean":  # no target token: 0 (and weight 0), not 0/0
+            return token.sum() / mask.sum().clamp(min=1).to(token.dtype)
         count = mask.sum(dim=1)
         return token.sum(dim=1) / count.clamp(min=1).to(token.dtype)
 

@@ -124,23 +124,31 @@ def _norm(ts: list[torch.Tensor]) -> torch.Tensor:
     return torch.sqrt(sum((t**2).sum() for t in ts))
 
 
+@pytest.mark.parametrize("m", [4, 7])
 @pytest.mark.parametrize("path", ["vectorised", "sequential"])
-def test_msam_step_is_the_token_weighted_micro_batch_average(path: str) -> None:
-    """G = sum_j (T_j / T) grad L_j(w + rho g_j / ||g_j||), T_j target tokens of piece j."""
-    batch = _cat(A, _batch(2, [9, 4], prompt=3))  # 6 sequences, m = 4: pieces 2, 2, 1, 1
+def test_msam_step_is_the_token_weighted_micro_batch_average(path: str, m: int) -> None:
+    """G = sum_j (T_j / T) grad L_j(w + rho g_j / ||g_j||), T_j target tokens of piece j;
+    m = 7 cuts single sequences, two of them without any target token (T_j = 0)."""
+    if m == 4:  # 6 sequences: pieces of 2, 2, 1, 1
+        batch, cuts = _cat(A, _batch(2, [9, 4], prompt=3)), [[0, 1], [2, 3], [4], [5]]
+    else:
+        batch, cuts = _cat(A, B), [[i] for i in range(7)]
     rho, lr = 0.05, 0.1
     model = _gpt2()
     ref_model = copy.deepcopy(model)
-    opt = MSAM(model.parameters(), torch.optim.SGD, rho=rho, micro_batches=4, model=model,
+    opt = MSAM(model.parameters(), torch.optim.SGD, rho=rho, micro_batches=m, model=model,
                path=path, lr=lr)  # fmt: skip
     loss = opt.step(loss_fn=hf_loss, batch=batch)
     assert opt.last_path == path
     w = [p.detach().clone() for p in ref_model.parameters()]
-    pieces = [{k: v[s] for k, v in batch.items()} for s in (slice(0, 2), slice(2, 4), [4], [5])]
+    pieces = [{k: v[c] for k, v in batch.items()} for c in cuts]
     tokens = [float((p["labels"][:, 1:] != -100).sum()) for p in pieces]
+    assert (0.0 in tokens) == (m == 7)
     total = sum(tokens)
     G = [torch.zeros_like(t) for t in w]
     for piece, t_j in zip(pieces, tokens):
+        if t_j == 0:
+            continue
         _, g = _token_mean_grad(ref_model, piece)
         scale = rho / _norm(g)
         _, gp = _token_mean_grad(ref_model, piece, at=[a + scale * b for a, b in zip(w, g)])
