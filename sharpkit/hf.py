@@ -338,7 +338,7 @@ class HFAccuracy(_Weighted):
         targets = _targets(task, labels).to(logits.device)
         mask = targets != IGNORE_INDEX
         hits = (logits.argmax(dim=-1) == targets) & mask
-        return hits.sum().to(logits.dtype) / mask.sum()
+        return hits.sum().to(logits.dtype) / mask.sum().clamp(min=1)  # none: 0, weight 0
 
     def __repr__(self) -> str:
         return f"HFAccuracy(task={self.task!r})"

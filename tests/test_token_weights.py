@@ -268,3 +268,17 @@ def test_per_example_means_are_token_means() -> None:
     ):
         for x, y in zip(got, g):
             assert torch.allclose(x, y, rtol=1e-9, atol=1e-13)
+
+
+def test_a_batch_without_target_tokens_has_loss_and_accuracy_zero_and_weight_zero() -> None:
+    from sharpkit.hf import hf_accuracy
+
+    model = _gpt2()
+    empty = {k: v[[1, 3]] for k, v in A.items()}  # the two sequences of A with no target
+    with torch.no_grad():
+        assert float(hf_loss(model, empty)) == 0.0 and float(hf_accuracy(model, empty)) == 0.0
+    assert batch_weight(hf_loss, empty) == 0.0
+    obj = Objective(model, hf_loss, [empty, B], params=BLOCK)
+    assert obj.mean_loss() == pytest.approx(Objective(model, hf_loss, B, params=BLOCK).mean_loss())
+    with pytest.raises(ValueError, match="no weight in the loss's mean"):
+        Objective(model, hf_loss, [empty], params=BLOCK)
