@@ -92,7 +92,7 @@ def as_batch_loss(loss: Any, reduction: str | None = None) -> BatchLoss:
     Args:
         loss: the loss argument.
         reduction: the reduction the caller's mathematics assumes (``"mean"`` for a
-            batch mean, whose batches are then weighted by their sizes). An nn loss
+            batch mean, whose batches are then weighted by :func:`batch_weight`). An nn loss
             module with another reduction is refused: a ``"sum"`` loss would pass
             every shape check and silently scale and misweight the result.
 

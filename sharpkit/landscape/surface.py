@@ -5,7 +5,7 @@
     interpolation: f(t) = L((1 - t) w_A + t w_B), every floating entry of the state
     dict interpolated (BatchNorm running statistics included)
 
-Each grid point is evaluated over all the data (example-weighted mean of the batch
+Each grid point is evaluated over all the data (weighted mean of the batch
 losses, the batches materialised once on the compute device) on a private copy of
 the model, with a tqdm bar over the grid.
 

@@ -115,7 +115,7 @@ def average_case_sharpness(
     """Average-case sharpness ``E_d L(w + d) - L(w)`` by Monte Carlo.
 
     Each noise draw perturbs the weights once and is evaluated on every batch
-    (example-weighted), so ``stderr`` is the standard error over the ``samples``
+    (weighted by :func:`sharpkit._batch.batch_weight`), so ``stderr`` is the standard error over the ``samples``
     draws of the full-data loss increase.
 
     Args:

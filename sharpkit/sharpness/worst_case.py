@@ -260,7 +260,7 @@ def worst_case_sharpness(
     """Worst-case (m-)sharpness ``E_B max_{||d/c||_p <= rho} L_B(w+d) - L_B(w)``.
 
     Each batch gets its own maximiser (that is m-sharpness with ``m`` the batch
-    size); the value is the example-weighted mean over batches and ``stderr`` its
+    size); the value is the weighted mean over batches (``Objective.weights``) and ``stderr`` its
     standard error over batches.
 
     Args:
@@ -354,7 +354,7 @@ def epsilon_sharpness(
 
         phi(w, eps) = 100 * (max_{|d_i| <= eps (|w_i| + 1)} L(w + d) - L(w)) / (1 + L(w))
 
-    with ``L`` the example-weighted loss over *all* the data (one maximiser, unlike
+    with ``L`` the weighted loss over *all* the data (one maximiser, unlike
     :func:`worst_case_sharpness`). Keskar et al. solve the box-constrained maximum
     with L-BFGS-B; here it is auto-PGD in the box (a feasible lower bound).
 

@@ -114,7 +114,8 @@ class DeltaSAM(BatchDrivenSAM):
         process_group: data-parallel use (default: the group of a
             ``DistributedDataParallel`` model): each rank reweights its own examples
             (the weights are local to a rank's batch) and the ranks' perturbed
-            gradients are averaged by one all-reduce, weighted by example counts.
+            gradients are averaged by one all-reduce, weighted by the batches' weights
+            (example counts, or target tokens for a token-mean loss).
         mode: ``'exact'``, ``'probe'`` or ``'forward-only'``.
         tau: temperature of the default weighting (default 1.0); not with ``weighting``.
         weighting: a callable ``ExampleStats -> (n,)`` non-negative weights, in place
