@@ -13,6 +13,14 @@
 - **Data** is either one batch (a tensor, or a tuple/list/dict of tensors) or an
   iterable of batches (a ``DataLoader``, a list of tuples). The number of examples
   in a batch is the leading dimension of its first tensor (:func:`batch_size`).
+- **Weights.** A mean over batches (or micro-batches, or ranks) of batch losses
+  weighs each batch by what its loss averages over (:func:`batch_weight`): its
+  number of examples, or its number of target tokens for a loss that says it is
+  a token mean (a ``batch_weight(batch)`` method, as ``sharpkit.hf.HFLoss``
+  has). With those weights the mean over batches is the loss of all the data as
+  one batch. :func:`example_weights` gives the same per example (for means of
+  per-example losses) and :func:`weighting` names the normalisation
+  (``"examples"`` or ``"tokens"``) for the measurement protocol.
 """
 
 from __future__ import annotations
@@ -29,10 +37,14 @@ __all__ = [
     "BatchLoss",
     "as_batch_loss",
     "batch_size",
+    "batch_weight",
+    "example_weights",
     "iter_batches",
     "move_batch",
     "split_batch",
     "supervised",
+    "weighted_mean",
+    "weighting",
 ]
 
 BatchLoss = Callable[[Callable[..., Any], Any], torch.Tensor]
@@ -80,7 +92,7 @@ def as_batch_loss(loss: Any, reduction: str | None = None) -> BatchLoss:
     Args:
         loss: the loss argument.
         reduction: the reduction the caller's mathematics assumes (``"mean"`` for a
-            batch mean, whose batches are then weighted by their sizes). An nn loss
+            batch mean, whose batches are then weighted by :func:`batch_weight`). An nn loss
             module with another reduction is refused: a ``"sum"`` loss would pass
             every shape check and silently scale and misweight the result.
 
@@ -126,6 +138,81 @@ def batch_size(batch: Any) -> int:
             f"batch: cannot find a tensor with a leading example dimension in {type(batch).__name__}"
         )
     return int(t.shape[0])
+
+
+def batch_weight(loss_fn: Any, batch: Any) -> float:
+    """The weight of ``batch`` in a mean over batches of ``loss_fn``'s batch means.
+
+    A loss that knows its normalisation (a ``batch_weight(batch)`` method, like
+    ``sharpkit.hf.HFLoss``) gives it (the number of target tokens for a token
+    mean); any other loss weighs a batch by its number of examples
+    (:func:`batch_size`, an integer). With these weights ``w_b``,
+    ``sum_b w_b L_b / sum_b w_b`` is the loss of all the data as one batch.
+
+    Example:
+        >>> batch = (torch.zeros(3, 2), torch.zeros(3))
+        >>> batch_weight(lambda m, b: 0.0, batch)
+        3
+    """
+    own = getattr(loss_fn, "batch_weight", None)
+    if callable(own):
+        return float(own(batch))
+    return batch_size(batch)
+
+
+def example_weights(loss_fn: Any, batch: Any) -> torch.Tensor | None:
+    """Each example's weight in ``loss_fn``'s batch mean, or ``None`` for equal weights.
+
+    A loss with an ``example_weights(batch)`` method (``sharpkit.hf.HFLoss``:
+    the number of target tokens of each sequence) gives ``w`` of shape ``(n,)``
+    and its mean loss is ``sum_i w_i l_i / sum_i w_i`` with ``l_i`` its
+    per-example losses; any other loss weighs examples equally (``None``, so that
+    callers keep a plain ``mean()``).
+
+    Example:
+        >>> example_weights(lambda m, b: 0.0, torch.zeros(4, 2)) is None
+        True
+    """
+    own = getattr(loss_fn, "example_weights", None)
+    if not callable(own):
+        return None
+    w = own(batch)
+    if not isinstance(w, torch.Tensor) or w.shape != (batch_size(batch),):
+        raise ValueError(
+            f"loss_fn: example_weights(batch) must return one weight per example, shape "
+            f"({batch_size(batch)},); got {getattr(w, 'shape', type(w).__name__)}"
+        )
+    return w
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """``values.mean()`` (``weights=None``) or ``sum_i w_i v_i / sum_i w_i`` (differentiable).
+
+    Example:
+        >>> weighted_mean(torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0]))
+        tensor(1.5000)
+    """
+    if weights is None:
+        return values.mean()
+    w = weights.to(device=values.device, dtype=values.dtype)
+    return (values * w).sum() / w.sum()
+
+
+def weighting(loss_fn: Any, batches: Iterable[Any]) -> str:
+    """What ``loss_fn`` averages over in ``batches``: ``"tokens"`` or ``"examples"``.
+
+    Read from a ``normalisation_of(batch)`` method (``sharpkit.hf.HFLoss``);
+    ``"examples"`` for any other loss (batches of several kinds give both names,
+    comma-separated). Measurements record it in their protocol.
+
+    Example:
+        >>> weighting(lambda m, b: 0.0, [torch.zeros(2)])
+        'examples'
+    """
+    own = getattr(loss_fn, "normalisation_of", None)
+    if not callable(own):
+        return "examples"
+    return ", ".join(sorted({str(own(b)) for b in batches}))
 
 
 def _is_single_batch(data: Any) -> bool:

@@ -29,6 +29,12 @@ than its own. They all do it the same way, here:
   backward and no forward-mode derivative. Second-order and forward-mode
   evaluations run with the math backend and the fast path off; first-order
   evaluations keep the fast kernels.
+- **vmap over models** (:func:`vmap_over_model`): ``torch.func.vmap`` with
+  the value checks of Hugging Face's attention-mask builders turned off (they
+  branch on mask values to skip building a mask, which ``vmap`` cannot trace),
+  and attention on its math backend (the fused kernels have no batching
+  rule), so MSAM's micro-batches and per-example gradients vectorise on
+  transformers.
 - **Batch trees** (:func:`tree_flatten`): one walker over the tensors of a batch
   (nested tuples, lists, named tuples and mappings, including mapping types such
   as Hugging Face's ``BatchEncoding``).
@@ -43,12 +49,13 @@ References:
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sharpkit._device import resolve_device
@@ -66,6 +73,8 @@ __all__ = [
     "select_parameters",
     "train_mode_batchnorm",
     "tree_flatten",
+    "vmap_over_model",
+    "vmap_safe_masks",
 ]
 
 #: The module modes a measurement can run in.
@@ -220,6 +229,77 @@ def second_order_kernels() -> Iterator[None]:
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
+
+
+# ----------------------------------------------------------------------------
+# vmap over models
+# ----------------------------------------------------------------------------
+
+#: Hugging Face's mask shortcuts: each decides, from the *values* of the padding
+#: mask (``mask.all()``), whether the attention mask can be left out (SDPA's
+#: ``is_causal`` instead). Returning False builds the explicit mask, the same
+#: function of the inputs.
+_HF_MASK_SHORTCUTS = ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa")
+
+
+def _never_skip(*args: Any, **kwargs: Any) -> bool:
+    return False
+
+
+@contextlib.contextmanager
+def vmap_safe_masks() -> Iterator[None]:
+    """Inside the block, Hugging Face models build their attention masks without
+    reading the mask's values, so ``torch.func.vmap`` can run them.
+
+    ``transformers.masking_utils`` checks whether a padding mask is all ones
+    (``if padding_mask.all()``) to leave the attention mask out; under ``vmap``
+    that is data-dependent control flow and fails ("vmap: It looks like you're
+    ... attempting to use a Tensor in some data-dependent control flow"). In the
+    block these shortcuts answer "no", so the explicit mask is built: the same
+    attention (a mask of ones where the shortcut would have used none). Nothing
+    is done when transformers is not imported, and functions a transformers
+    version lacks are left alone (its models then fail under ``vmap`` as before
+    and the caller's sequential fallback names the cause). The module attributes
+    are restored afterwards; not thread-safe.
+
+    Example:
+        >>> with vmap_safe_masks():
+        ...     pass
+    """
+    masks = sys.modules.get("transformers.masking_utils")
+    saved = {n: getattr(masks, n) for n in _HF_MASK_SHORTCUTS if hasattr(masks, n)}
+    for name in saved:
+        setattr(masks, name, _never_skip)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(masks, name, fn)
+
+
+def vmap_over_model(func: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
+    """``torch.func.vmap(func, **kwargs)`` whose calls run in :func:`vmap_safe_masks`
+    with ``scaled_dot_product_attention`` on its math backend.
+
+    Every vmap that sharpkit runs over a user's model (MSAM's micro-batches,
+    per-example gradients, delta-SAM's probes, the per-instance target) goes
+    through it. The fused attention kernels (flash, memory-efficient) have no
+    ``vmap`` batching rule, so under ``vmap`` torch runs them one slice at a time
+    (its "performance drop" warning); the math backend is ordinary batched
+    matrix products, the same attention to rounding.
+
+    Example:
+        >>> lin = nn.Linear(3, 1)
+        >>> vmap_over_model(lin)(torch.zeros(5, 2, 3)).shape
+        torch.Size([5, 2, 1])
+    """
+    batched = vmap(func, **kwargs)
+
+    def call(*args: Any, **kw: Any) -> Any:
+        with vmap_safe_masks(), sdpa_kernel(SDPBackend.MATH):
+            return batched(*args, **kw)
+
+    return call
 
 
 # ----------------------------------------------------------------------------

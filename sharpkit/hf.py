@@ -16,7 +16,8 @@ no glue:
   ``"tokens"`` or ``"examples"``) and gives the matching weights
   (:meth:`HFLoss.example_weights`, :meth:`HFLoss.batch_weight`), so that a mean
   over batches of mean losses is the data set's token mean, not a mean of
-  per-batch means: :func:`batch_weight` works for any loss.
+  per-batch means: :func:`batch_weight` (:func:`sharpkit._batch.batch_weight`,
+  which every mean over batches in sharpkit uses) works for any loss.
 
 The tasks (``labels`` of shape ``(n,)`` or ``(n, T)``, ``-100`` ignored):
 
@@ -33,7 +34,8 @@ The tasks (``labels`` of shape ``(n,)`` or ``(n, T)``, ``-100`` ignored):
 
   ``L`` is a token mean; the weight of a sequence is its number of target
   tokens, that of a batch the sum (a sequence with no target token has weight 0
-  and per-example loss 0).
+  and per-example loss 0; so has a batch, or an mSAM micro-batch, with none,
+  where Hugging Face's own loss would be 0/0).
 - ``"token"``: the same without the shift (masked LM, token classification,
   encoder-decoder decoders' labels).
 - ``"sequence"``: one label per example: cross-entropy for integer labels,
@@ -76,7 +78,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from ._batch import batch_size
+from ._batch import batch_weight
 
 __all__ = [
     "BUILTIN_LOSSES",
@@ -290,8 +292,8 @@ class HFLoss(_Weighted):
             return losses.mean() if self.reduction == "mean" else losses
         token = _token_losses(task, logits, labels)
         mask = _token_mask(task, labels).to(token.device)
-        if self.reduction == "mean":
-            return token.sum() / mask.sum()
+        if self.reduction == "mean":  # no target token: 0 (and weight 0), not 0/0
+            return token.sum() / mask.sum().clamp(min=1).to(token.dtype)
         count = mask.sum(dim=1)
         return token.sum(dim=1) / count.clamp(min=1).to(token.dtype)
 
@@ -336,7 +338,7 @@ class HFAccuracy(_Weighted):
         targets = _targets(task, labels).to(logits.device)
         mask = targets != IGNORE_INDEX
         hits = (logits.argmax(dim=-1) == targets) & mask
-        return hits.sum().to(logits.dtype) / mask.sum()
+        return hits.sum().to(logits.dtype) / mask.sum().clamp(min=1)  # none: 0, weight 0
 
     def __repr__(self) -> str:
         return f"HFAccuracy(task={self.task!r})"
@@ -401,25 +403,3 @@ def loss_for(model: Any, reduction: str = "mean") -> HFLoss:
 
 #: Built-in losses by name: each maps a model to its ``loss_fn(model, batch)``.
 BUILTIN_LOSSES: dict[str, Callable[..., HFLoss]] = {"hf": loss_for}
-
-
-def batch_weight(loss_fn: Any, batch: Any) -> float:
-    """The weight of ``batch`` in a mean over batches of ``loss_fn``'s batch means.
-
-    A loss that knows its normalisation (a ``batch_weight(batch)`` method, like
-    :class:`HFLoss`) gives it (the number of target tokens for a token mean);
-    any other loss weighs a batch by its number of examples
-    (:func:`sharpkit._batch.batch_size`). With these weights, the weighted mean
-    of batch losses is the loss of all the data as one batch.
-
-    Example:
-        >>> import torch
-        >>> batch = {"input_ids": torch.zeros(2, 4), "labels": torch.tensor([[1, 2, -100, -100],
-        ...                                                                [1, 2, 3, 4]])}
-        >>> batch_weight(hf_loss, batch), batch_weight(lambda m, b: 0.0, batch)
-        (4.0, 2)
-    """
-    own = getattr(loss_fn, "batch_weight", None)
-    if callable(own):
-        return own(batch)
-    return batch_size(batch)

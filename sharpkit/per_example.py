@@ -18,6 +18,10 @@ All evaluate the model functionally (``torch.func.functional_call``): the
 module's weights are never moved and its buffers are restored or copied.
 ``loss_fn(model, batch)`` returns one loss per example (``reduction='none'``;
 an ``nn`` loss module built that way means ``(inputs, targets)`` batches).
+Means over the examples are the loss's own: weighted by
+:func:`sharpkit._batch.example_weights` (``w_i``, the target tokens of a
+sequence for ``sharpkit.hf.HFLoss``, so that the batch loss is the token mean),
+equal weights ``1/n`` otherwise.
 
 References:
     Zhou, Liu, Zhang, Chen. Sharpness-Aware Minimization with Dynamic
@@ -32,10 +36,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import grad_and_value, vmap
+from torch.func import grad_and_value
 
-from ._batch import as_batch_loss, batch_size
-from ._functional import FunctionalView, batch_leaves, train_mode_batchnorm
+from ._batch import as_batch_loss, batch_size, example_weights, weighted_mean
+from ._functional import FunctionalView, batch_leaves, train_mode_batchnorm, vmap_over_model
 from ._rng import RandomState
 
 __all__ = [
@@ -102,9 +106,9 @@ def _per_example_vmap(
         return _check_per_example(out, 1, "one example")[0]
 
     with torch.enable_grad():
-        grads, losses = vmap(grad_and_value(one), in_dims=(None, 0), randomness="different")(
-            params, leaves
-        )
+        grads, losses = vmap_over_model(
+            grad_and_value(one), in_dims=(None, 0), randomness="different"
+        )(params, leaves)
     return losses.detach(), [grads[name].detach() for name in view.names]
 
 
@@ -227,7 +231,7 @@ def _evaluate_sets(
             consts = _buffer_copies(view, count)
             params = dict(zip(view.names, stacked))
             with rng.replayed():  # 'same': every set sees the masks a plain call would draw
-                return vmap(at, in_dims=(0, 0), randomness="same")(params, consts)
+                return vmap_over_model(at, in_dims=(0, 0), randomness="same")(params, consts)
         rows = []
         consts = _buffer_copies(view, None)
         for s in range(count):
@@ -301,7 +305,8 @@ def perturbed_gradient(
     """``grad L_B(w + rho d / ||d||)`` for a direction ``d`` (``d = 0``: at ``w``).
 
     Evaluated functionally: the module's weights and buffers are left as they
-    are. ``loss_fn`` returns per-example losses; ``L_B`` is their mean.
+    are. ``loss_fn`` returns per-example losses; ``L_B`` is their mean (weighted
+    by the loss's ``example_weights``, as in the module docstring).
 
     Args:
         model, loss_fn, batch: as in :func:`per_example_gradients`.
@@ -339,7 +344,9 @@ def perturbed_gradient(
         losses = _check_per_example(
             loss_fn(view.caller(dict(zip(view.names, moved)), consts), batch), n, "at w + e"
         )
-        grads = torch.autograd.grad(losses.mean(), moved, allow_unused=True)
+        grads = torch.autograd.grad(
+            weighted_mean(losses, example_weights(loss_fn, batch)), moved, allow_unused=True
+        )
     return [torch.zeros_like(p) if g is None else g for p, g in zip(view.params, grads)]
 
 
@@ -356,7 +363,9 @@ def per_instance_target(
 
     .. math::
 
-        G_{PI} = \frac1n \sum_i \nabla l_i\big(w + \rho\, g_i / \|g_i\|\big).
+        G_{PI} = \frac1n \sum_i \nabla l_i\big(w + \rho\, g_i / \|g_i\|\big)
+
+    (with example weights ``w_i``, :math:`\sum_i w_i \nabla l_i(\cdot) / \sum_i w_i`).
 
     Each example is evaluated at its own perturbation (an example with
     ``g_i = 0`` at ``w``). With independent examples (``coupled=False``) each
@@ -397,6 +406,9 @@ def per_instance_target(
             for b, s in zip(model.buffers(), snapshot):
                 b.copy_(s)
     view = FunctionalView(model, [{"params": chosen}])
+    ew = example_weights(loss_fn, batch)
+    if ew is not None:
+        ew = ew / ew.sum()
     norms = torch.stack([g.reshape(n, -1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
     inv = torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
     moved = [
@@ -411,10 +423,13 @@ def per_instance_target(
             return _check_per_example(out, 1, "one example")[0]
 
         with torch.enable_grad():
-            g_pi, _ = vmap(grad_and_value(one), in_dims=(0, 0), randomness="different")(
+            g_pi, _ = vmap_over_model(grad_and_value(one), in_dims=(0, 0), randomness="different")(
                 dict(zip(view.names, moved)), leaves
             )
-        return [g_pi[name].mean(0) for name in view.names]
+        return [
+            g_pi[name].mean(0) if ew is None else torch.tensordot(ew.to(g_pi[name]), g_pi[name], 1)
+            for name in view.names
+        ]
     total = [torch.zeros_like(p) for p in view.params]
     for i in range(n):
         at = [m[i].clone().requires_grad_() for m in moved]
@@ -426,7 +441,7 @@ def per_instance_target(
             gi = torch.autograd.grad(losses[i], at, allow_unused=True)
         for t, g in zip(total, gi):
             if g is not None:
-                t.add_(g, alpha=1.0 / n)
+                t.add_(g, alpha=1.0 / n if ew is None else float(ew[i]))
     return total
 
 

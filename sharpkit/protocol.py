@@ -2,8 +2,8 @@
 
 Every measurement in sharpkit (curvature estimates, sharpness metrics, landscapes,
 experiments) records *how* it was measured in a :class:`MeasurementProtocol` (the
-data, dtype, device, seed, estimator, number of products and library version) and
-converts to plain JSON with :func:`to_jsonable`. Writing the files is
+data and how it was weighted, dtype, device, seed, estimator, number of products
+and library version) and converts to plain JSON with :func:`to_jsonable`. Writing the files is
 :mod:`sharpkit.io`'s business; this module does no I/O, so the measuring packages
 do not depend on it.
 """
@@ -36,6 +36,11 @@ class MeasurementProtocol:
         estimator: what produced it (e.g. ``"lanczos"``, ``"hutchinson"``).
         examples: number of examples the operator or metric averaged over.
         batches: number of batches.
+        weighting: how batches (and examples) were weighted in the means:
+            ``"examples"`` (by their number of examples, the mean of a per-example
+            loss) or ``"tokens"`` (by their number of target tokens, the mean of a
+            token-mean loss such as a language model's; the total is
+            ``extra["tokens"]``), see :func:`sharpkit._batch.batch_weight`.
         mode: module mode during measurement (``"eval"`` or ``"train"``).
         dtype: floating dtype of the computation.
         device: device it ran on.
@@ -53,6 +58,7 @@ class MeasurementProtocol:
     estimator: str
     examples: int | None = None
     batches: int | None = None
+    weighting: str | None = None
     mode: str | None = None
     dtype: str | None = None
     device: str | None = None

@@ -24,6 +24,12 @@ Run: ``python -m analysis.benchmarks.bench_msam_deltasam [--quick] [--device cud
 [--large]``; on CUDA the larger sizes are timed and the table goes to
 ``results/msam_deltasam_cuda.md`` (the quality part is the same small float64
 study on the CPU).
+
+``--hf`` times instead Hugging Face models built from configs at their default
+attention (tiny RoBERTa sequence classifier and GPT-2 LM, every parameter
+trains, right-padded batches with attention masks, ``sharpkit.hf`` losses):
+SAM, mSAM m = 4 on the vectorised and the sequential path, delta-SAM exact and
+probe (K = 4); table in ``results/msam_deltasam_hf.md``.
 """
 
 from __future__ import annotations
@@ -315,6 +321,68 @@ def benchmark_models(
     ]
 
 
+def hf_timing_cases(device: torch.device) -> list[list[Case]]:
+    """SAM, mSAM and delta-SAM on tiny Hugging Face models at their default attention
+    (one list of cases per model)."""
+    import transformers
+
+    from sharpkit.hf import hf_loss, hf_per_example_loss
+
+    vocab, n, t = 512, 32, 32
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (n, t), generator=g)
+    lengths = torch.randint(t // 4, t + 1, (n,), generator=g)
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
+    small = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 256,
+             "num_hidden_layers": 2, "vocab_size": vocab}  # fmt: skip
+
+    def roberta() -> nn.Module:
+        torch.manual_seed(0)
+        cfg = transformers.RobertaConfig(max_position_embeddings=t + 2, num_labels=3, **small)
+        return transformers.RobertaForSequenceClassification(cfg)
+
+    def gpt2() -> nn.Module:
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab,
+                                      n_positions=t, bos_token_id=0, eos_token_id=0)  # fmt: skip
+        return transformers.GPT2LMHeadModel(cfg)
+
+    models = [
+        (f"HF RoBERTa-tiny d=64 L=2, seq {t} padded, batch {n}", roberta,
+         torch.randint(0, 3, (n,), generator=g)),
+        (f"HF GPT-2-tiny d=64 L=2, seq {t} padded, batch {n}", gpt2,
+         ids.masked_fill(mask == 0, -100)),
+    ]  # fmt: skip
+    kw = {"lr": 0.01, "momentum": 0.9}
+    groups = []
+    for name, build, labels in models:
+        cases: list[Case] = []
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {k: v.to(device) for k, v in batch.items()}
+
+        def fresh(build: Callable[[], nn.Module] = build) -> nn.Module:
+            return build().to(device).train()
+
+        cases.append(Case("SAM", sam_step(fresh(), batch, hf_loss, kw), group=name))
+        for path in ("vectorised", "sequential"):
+            m = fresh()
+            opt = MSAM(m.parameters(), torch.optim.SGD, rho=0.05, micro_batches=4, model=m,
+                       path=path, **kw)  # fmt: skip
+            cases.append(Case(f"mSAM m=4 {path}",
+                              lambda o=opt, b=batch: o.step(loss_fn=hf_loss, batch=b),
+                              group=name))  # fmt: skip
+        for mode in ("exact", "probe"):
+            m = fresh()
+            opt = DeltaSAM(m.parameters(), torch.optim.SGD, rho=0.05, model=m, mode=mode,
+                           probes=4, **kw)  # fmt: skip
+            label = "delta-SAM exact" if mode == "exact" else "delta-SAM probe K=4"
+            cases.append(Case(label,
+                              lambda o=opt, b=batch: o.step(loss_fn=hf_per_example_loss, batch=b),
+                              group=name))  # fmt: skip
+        groups.append(cases)
+    return groups
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few rounds and seeds (a smoke test)")
@@ -322,8 +390,33 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--large", action="store_true", help="the larger (GPU) sizes")
+    ap.add_argument("--hf", action="store_true", help="time tiny Hugging Face models only")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
+    if args.hf:
+        if args.out == RESULTS / "msam_deltasam.md":
+            args.out = (
+                RESULTS / f"msam_deltasam_hf{'' if device.type == 'cpu' else '_' + device.type}.md"
+            )
+        rounds, calls = (3, 2) if args.quick else (15, 4)
+        rows = []
+        for cases in hf_timing_cases(device):
+            rows += compare(cases, "SAM", rounds=rounds, calls=calls, device=device)
+        write_table(
+            rows,
+            args.out,
+            title=f"mSAM and delta-SAM on Hugging Face models ({device.type.upper()}), ratio to SAM",
+            machine=machine_info(device),
+            notes=[
+                "Models built from configs at their default attention (SDPA), training mode "
+                "(dropout 0.1), every parameter trains; right-padded batches with attention "
+                "masks; SGD with momentum as base, rho = 0.05. mSAM's vectorised path and "
+                "delta-SAM exact run under torch.func.vmap (sharpkit._functional."
+                "vmap_over_model); the sequential rows are the loop they replace.",
+            ],
+        )
+        print(args.out.read_text())
+        return
     large = args.large or device.type == "cuda"
     if args.out == RESULTS / "msam_deltasam.md" and device.type != "cpu":
         args.out = RESULTS / f"msam_deltasam_{device.type}.md"

@@ -1,7 +1,8 @@
 """Hessian-vector-product operators and the spectral estimators that consume them.
 
-- :class:`HessianOperator`: ``v -> H v`` for (model, loss, data), example-weighted
-  over batches, explicit module mode, any parameter subset or per-module blocks.
+- :class:`HessianOperator`: ``v -> H v`` for (model, loss, data), weighted over
+  batches (by examples, or tokens for a token-mean loss), explicit module mode,
+  any parameter subset or per-module blocks.
 - :func:`eigenvalues`: top-k / bottom-k by Lanczos with full reorthogonalisation.
 - :func:`trace` (Hutchinson, Hutch++) and :func:`frobenius_norm_sq` with error bars.
 - :func:`spectral_density`: stochastic Lanczos quadrature.

@@ -1,13 +1,16 @@
 """The Hessian of a loss over data, as a linear operator (Hessian-vector products).
 
 For parameters ``w`` (all trainable ones, a named subset, or one module's block),
-data made of batches ``B_1, ..., B_m`` with ``n_b`` examples each and a batch loss
-``L_b(w)`` that is the *mean* over its batch, the operator is the Hessian of the
-example-weighted average
+data made of batches ``B_1, ..., B_m`` and a batch loss ``L_b(w)`` that is the
+*mean* over its batch, the operator is the Hessian of the weighted average
 
     L(w) = sum_b (n_b / N) L_b(w),   N = sum_b n_b,   H v = sum_b (n_b / N) H_b v,
 
-so a short last batch weighs less (see ``docs/theory.md``). ``H v`` is never formed
+with ``n_b`` the weight of batch ``b`` in the loss's own normalisation
+(:func:`sharpkit._batch.batch_weight`): its number of examples, or its number of
+target tokens for a token-mean loss (``sharpkit.hf.HFLoss``), so that ``L`` is
+the loss of all the data as one batch and a short last batch weighs less (see
+``docs/theory.md``). ``H v`` is never formed
 from a dense ``H``: it is one Hessian-vector product through ``torch.func``'s
 ``functional_call``: reverse-over-reverse (double backward), forward-over-reverse
 (``jvp`` of ``grad``, Pearlmutter 1994), or forward-over-reverse on a cached
@@ -38,7 +41,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch
+from sharpkit._batch import (
+    as_batch_loss,
+    batch_size,
+    batch_weight,
+    iter_batches,
+    move_batch,
+    weighting,
+)
 from sharpkit._functional import (
     FrozenModel,
     RandomState,
@@ -206,6 +216,8 @@ class HessianOperator:
         num_matvecs: products computed so far (a product over m batches counts once).
         param_names: the selected parameter names, in flattening order.
         num_examples, num_batches: the data the operator averages over.
+        weighting: ``"examples"`` or ``"tokens"``: what the batch weights count
+            (:func:`sharpkit._batch.batch_weight`); ``total_weight`` their sum.
         cache_graph: whether per-batch work is cached; ``cached_batches`` how many
             batches are (known after the first product) and ``cache_bytes`` what
             their graphs hold.
@@ -319,9 +331,17 @@ class HessianOperator:
         sizes = [batch_size(b) for b in batches]
         if any(s <= 0 for s in sizes):
             raise ValueError(f"data: a batch has no examples (batch sizes {sizes})")
+        weights = [batch_weight(loss_fn, b) for b in batches]
         self.num_examples = int(sum(sizes))
         self.num_batches = len(sizes)
-        self._weights = [s / self.num_examples for s in sizes]
+        self.total_weight = sum(weights)
+        if not self.total_weight > 0:
+            raise ValueError(
+                f"data: the batches have no weight in the loss's mean (weights {weights}: "
+                "no target tokens?)"
+            )
+        self._weights = [w / self.total_weight for w in weights]
+        self.weighting = weighting(loss_fn, batches)
         self.caller_mode = frozen.caller_mode
         if cache_graph and hvp not in _CACHING:
             raise ValueError(f"cache_graph: only {_CACHING} cache per-batch work, not {hvp!r}")
@@ -547,7 +567,7 @@ class HessianOperator:
         return self.matvec(v)
 
     def gradient(self) -> torch.Tensor:
-        """The flat gradient of the example-weighted loss (for comparisons and timing).
+        """The flat gradient of the weighted loss (for comparisons and timing).
 
         A first-order evaluation: attention keeps its fused kernels."""
         out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
@@ -602,11 +622,13 @@ class HessianOperator:
             estimator="hessian",
             examples=self.num_examples,
             batches=self.num_batches,
+            weighting=self.weighting,
             mode=self.mode,
             dtype=str(self.dtype),
             device=str(self.device),
             matvecs=self.num_matvecs,
             extra={
+                **({"tokens": self.total_weight} if self.weighting == "tokens" else {}),
                 "dim": self.dim,
                 "params": len(self.param_names),
                 "caller_mode": self.caller_mode,

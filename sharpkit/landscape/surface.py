@@ -5,7 +5,7 @@
     interpolation: f(t) = L((1 - t) w_A + t w_B), every floating entry of the state
     dict interpolated (BatchNorm running statistics included)
 
-Each grid point is evaluated over all the data (example-weighted mean of the batch
+Each grid point is evaluated over all the data (weighted mean of the batch
 losses, the batches materialised once on the compute device) on a private copy of
 the model, with a tqdm bar over the grid.
 
@@ -71,8 +71,7 @@ def _evaluate(
     loss = obj.mean_loss(d)
     if acc_fn is None:
         return loss, None
-    acc = sum(obj.metric(acc_fn, b, d) * n for b, n in zip(obj.batches, obj.sizes))
-    return loss, acc / obj.num_examples
+    return loss, obj.weighted_mean([obj.metric(acc_fn, b, d) for b in obj.batches])
 
 
 def _accuracy(obj: Objective, accuracy_fn: Callable | None) -> Callable | None:

@@ -213,7 +213,11 @@ class Oracle:
       :mod:`sharpkit._batch`), ``loss_fn(model, batch)`` returns the mean loss
       (a scalar) or, for ``reduction="none"`` optimizers, one loss per example;
       the mean is differentiated and returned detached (``last_losses`` keeps
-      the per-example values of the latest call).
+      the per-example values of the latest call). The mean of per-example losses
+      is weighted as the loss's own mean is (``example_weights``, see
+      :func:`sharpkit._batch.example_weights`: the token mean for
+      ``sharpkit.hf.HFLoss``); ``weight`` is the batch's weight in a mean over
+      batches or ranks (:func:`sharpkit._batch.batch_weight`).
 
     Args:
         closure: the closure, or ``None``.
@@ -238,10 +242,24 @@ class Oracle:
         self.reduction = reduction
         self.last_losses: torch.Tensor | None = None
         self.n: int | None = None
+        self.example_weights: torch.Tensor | None = None
         if loss_fn is not None:
-            from .._batch import batch_size  # local: _batch has no optim dependency
+            # local: _batch has no optim dependency
+            from .._batch import batch_size, example_weights
 
             self.n = batch_size(batch)
+            if reduction == "none":
+                self.example_weights = example_weights(loss_fn, batch)
+
+    @property
+    def weight(self) -> float | None:
+        """The batch's weight in a mean over batches or ranks (``None`` with a closure);
+        computed when asked (a token count reads the labels)."""
+        if self.loss_fn is None:
+            return None
+        from .._batch import batch_weight
+
+        return batch_weight(self.loss_fn, self.batch)
 
     @property
     def is_closure(self) -> bool:
@@ -260,8 +278,10 @@ class Oracle:
                 return self.closure()
             loss = self.evaluate(where)
             if loss.dim() == 1:
+                from .._batch import weighted_mean
+
                 self.last_losses = loss.detach()
-                loss = loss.mean()
+                loss = weighted_mean(loss, self.example_weights)
             loss.backward()
         return loss.detach()
 
@@ -1001,12 +1021,14 @@ class BatchDrivenSAM(SAMBase):
     ``process_group``), each rank runs the method on its own batch ``B_r``
     locally, with no communication (the DDP wrapper is bypassed: its hooks
     would all-reduce every backward pass), and the ranks' update directions
-    are then averaged by one all-reduce, weighted by their example counts:
+    are then averaged by one all-reduce, weighted by their batch weights
+    (example counts, or target tokens for a token-mean loss:
+    :func:`sharpkit._batch.batch_weight`):
 
     .. math:: G = \sum_r \frac{n_r}{N} G_r, \qquad N = \sum_r n_r,
 
     so every rank takes the same base step. The returned loss is the global
-    example-weighted mean. A non-finite value on any rank skips the step on
+    weighted mean. A non-finite value on any rank skips the step on
     every rank. For mSAM this is the paper's parallel form: each rank's
     micro-batches are micro-batches of the global batch, so ``R`` ranks with
     ``m`` micro-batches each equal one process with ``R * m`` micro-batches on
@@ -1044,13 +1066,14 @@ class BatchDrivenSAM(SAMBase):
             return self._run(oracle)
         from sharpkit.distributed import all_reduce_sum
 
-        assert oracle is not None and oracle.n is not None
+        assert oracle is not None and oracle.loss_fn is not None
         skipped: SkipStep | None = None
         try:
             loss = self._run(oracle)
         except SkipStep as skip:
             skipped, loss = skip, self._step_loss
-        n = oracle.n
+        n = oracle.weight  # the batch's weight in the loss's normalisation (examples, tokens)
+        assert n is not None
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         has = [p.grad is not None for p in params] if skipped is None else [False] * len(params)
         value = float(loss) if skipped is None and loss is not None else 0.0

@@ -8,11 +8,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import vmap
 from torch.optim import Optimizer
 
-from .._batch import batch_size, split_batch
-from .._functional import FunctionalView, NotVectorisable, batch_leaves, train_mode_batchnorm
+from .._batch import batch_weight, split_batch
+from .._functional import (
+    FunctionalView,
+    NotVectorisable,
+    batch_leaves,
+    train_mode_batchnorm,
+    vmap_over_model,
+)
 from ._base import BatchDrivenSAM, Oracle, SAMBase, SkipStep, check_loss, check_nonneg_float
 
 __all__ = ["MSAM", "VectorisationFallbackWarning"]
@@ -40,6 +45,18 @@ def _check_path(value: Any) -> str:
     return _PATHS[value]
 
 
+def _micro_weights(loss_fn: Any, pieces: list[Any]) -> list[float]:
+    """``n_j / n`` for each micro-batch, in the loss's own normalisation."""
+    weights = [batch_weight(loss_fn, piece) for piece in pieces]
+    total = sum(weights)
+    if not total > 0:
+        raise ValueError(
+            f"batch: has no weight in the loss's mean (micro-batch weights {weights}: no "
+            "target tokens?)"
+        )
+    return [w / total for w in weights]
+
+
 # ----------------------------------------------------------------------------
 # mSAM
 # ----------------------------------------------------------------------------
@@ -49,8 +66,10 @@ class MSAM(BatchDrivenSAM):
     r"""Micro-batch-averaged SAM: one SAM perturbation per micro-batch, averaged.
 
     The mini-batch :math:`B` of :math:`n` examples is split into ``m`` disjoint
-    micro-batches :math:`B_1, \dots, B_m` of sizes :math:`n_j`; each gets its own
-    perturbation and the update averages the perturbed gradients:
+    micro-batches :math:`B_1, \dots, B_m` of weights :math:`n_j` (their sizes, or
+    their numbers of target tokens for a token-mean loss:
+    :func:`sharpkit._batch.batch_weight`), :math:`n = \sum_j n_j`; each gets its
+    own perturbation and the update averages the perturbed gradients:
 
     .. math::
 
@@ -77,8 +96,9 @@ class MSAM(BatchDrivenSAM):
 
     **Batch not divisible by m.** The sizes differ by at most one (the first
     ``n % m`` micro-batches take one extra example) and the average is weighted
-    by size, :math:`n_j / n`, so with ``rho = 0`` the update uses exactly the
-    full-batch gradient of a per-example loss. ``m`` larger than the batch
+    by :math:`n_j / n`, so with ``rho = 0`` the update uses exactly the
+    full-batch gradient (the token-mean gradient for a token-mean loss such as
+    ``sharpkit.hf.HFLoss`` on padded sequences). ``m`` larger than the batch
     raises ``ValueError``.
 
     **Two execution paths, one result** (equal to 1e-8 in float64, tested):
@@ -89,10 +109,13 @@ class MSAM(BatchDrivenSAM):
       :func:`torch.func.functional_call` and one ordinary backward each; the
       module's own weights never move. FLOPs equal SAM's. Frozen parameters are
       shared, not copied; for LoRA-style models only the small adapters are
-      stacked. Dropout draws different masks per micro-batch.
+      stacked. Dropout draws different masks per micro-batch. Hugging Face
+      models with attention masks run on it too
+      (:func:`sharpkit._functional.vmap_over_model`: their value-reading mask
+      shortcuts off, attention on the math backend).
     - *sequential*: a loop over micro-batches, each a SAM step's two passes on the
       module itself (``loss_fn(model, micro_batch)``), accumulating the
-      size-weighted perturbed gradient. Works for any model.
+      weighted perturbed gradient. Works for any model.
 
     ``path='auto'`` uses the vectorised path unless it cannot apply: a
     BatchNorm updating running statistics in training mode (vmap cannot update
@@ -248,16 +271,23 @@ class MSAM(BatchDrivenSAM):
                 self.zero_grad(set_to_none=True)
                 result = self._sequential(oracle)
                 # the sequential path ran, so the failure was vmap's, not the model's
-                self.fallback_reason = f"{type(err).__name__}: {err}".strip()
+                text = str(err).strip().splitlines()
+                self.fallback_reason = f"{type(err).__name__}: {text[0] if text else ''}".strip()
                 self._warn_fallback(
-                    "torch.func.vmap could not run this model, so the sequential path is "
-                    f"used from now on. Reason: {self.fallback_reason}"
+                    "torch.func.vmap cannot run this model, so the sequential path (one SAM "
+                    "step per micro-batch, the same update) is used from now on. Cause: "
+                    f"{self.fallback_reason}. Remedy: make the forward free of value-dependent "
+                    "Python control flow (.item(), `if tensor`, in-place buffer updates), or "
+                    "pass path='sequential' to choose that path without this warning."
                 )
                 return result
             self.last_path = "vectorised"
             return loss
         if blocker is not None and self.path == "auto" and m > 1:
-            self._warn_fallback(f"using the sequential path: {blocker}")
+            self._warn_fallback(
+                f"using the sequential path: {blocker}. Remedy: put the BatchNorm layers in "
+                "eval mode, or pass path='sequential' to choose that path without this warning."
+            )
         return self._sequential(oracle)
 
     def _warn_fallback(self, message: str) -> None:
@@ -265,19 +295,18 @@ class MSAM(BatchDrivenSAM):
             self._fallback_warned = True
             warnings.warn(f"MSAM: {message}", VectorisationFallbackWarning, stacklevel=6)
 
-    # -- sequential path: SAM's hooks per micro-batch, size-weighted average ------------
+    # -- sequential path: SAM's hooks per micro-batch, weighted average ------------
 
     def _sequential(self, oracle: Oracle) -> Any:
         self._path_now = "sequential"
         self.last_path = "sequential"
-        n, m = oracle.n, self.micro_batches
-        assert n is not None
+        m = self.micro_batches
         if m == 1:
             return SAMBase._run(self, oracle)
         acc: dict[torch.Tensor, torch.Tensor] = {}
         total: torch.Tensor | None = None
-        for piece in split_batch(oracle.batch, m):
-            weight = batch_size(piece) / n
+        pieces = split_batch(oracle.batch, m)
+        for piece, weight in zip(pieces, _micro_weights(oracle.loss_fn, pieces)):
             loss = SAMBase._run(self, Oracle(None, oracle.loss_fn, piece, self.model))
             with torch.no_grad():
                 for _, ps in self._params_with_grad():
@@ -298,7 +327,7 @@ class MSAM(BatchDrivenSAM):
 
     def _clean_gradient(self, oracle: Oracle | None) -> Any:
         """Vectorised: per-micro-batch gradients ``g_j`` at ``w`` (one batched pass per
-        micro-batch size); returns the size-weighted mean loss at ``w``."""
+        micro-batch size); returns the weighted mean loss at ``w``."""
         if self._path_now != "vectorised":
             return super()._clean_gradient(oracle)
         assert oracle is not None and oracle.n is not None
@@ -313,9 +342,12 @@ class MSAM(BatchDrivenSAM):
             out = check_loss(loss_fn(view.caller(tp), rebuild(piece)), "mean", None, "vectorised")
             return out
 
-        batched = vmap(per_slice, in_dims=(0, 0), randomness="different")
+        batched = vmap_over_model(per_slice, in_dims=(0, 0), randomness="different")
         q, r = divmod(n, m)
         classes = [(q + 1, r, 0), (q, m - r, r * (q + 1))] if r else [(q, m, 0)]
+        # the pieces are split_batch's, in order: the first r have q + 1 examples
+        micro = _micro_weights(loss_fn, split_batch(oracle.batch, m))
+        index = 0
         parts = []
         total: torch.Tensor | None = None
         for size, count, start in classes:
@@ -331,7 +363,10 @@ class MSAM(BatchDrivenSAM):
             with torch.enable_grad():
                 losses = batched(dict(zip(view.names, stacked)), piece)
                 grads = torch.autograd.grad(losses.sum(), stacked, allow_unused=True)
-            weights = torch.full((count,), size / n, dtype=losses.dtype, device=losses.device)
+            weights = torch.tensor(
+                micro[index : index + count], dtype=losses.dtype, device=losses.device
+            )
+            index += count
             parts.append((count, piece, stacked, grads, weights))
             part = (losses.detach() * weights).sum()
             total = part if total is None else total + part

@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch, split_batch
+from sharpkit._batch import (
+    as_batch_loss,
+    batch_size,
+    batch_weight,
+    iter_batches,
+    move_batch,
+    split_batch,
+    weighting,
+)
 from sharpkit._functional import FrozenModel, RandomState, check_model_mode_dtype
 from sharpkit.curvature._linop import make_generator
 from sharpkit.protocol import MeasurementProtocol
@@ -130,6 +138,12 @@ class Objective:
     Attributes:
         names: the measured parameter names; ``w0`` their values (frozen copies).
         batches, sizes: the materialised batches and their example counts.
+        weights: each batch's weight in a mean over batches, in the loss's own
+            normalisation (:func:`sharpkit._batch.batch_weight`: its example count,
+            or its number of target tokens for a token-mean loss);
+            ``total_weight`` their sum and ``weighting`` what they count
+            (``"examples"`` or ``"tokens"``). :meth:`weighted_mean` averages
+            per-batch numbers with them.
         frozen: the :class:`~sharpkit._functional.FrozenModel` every evaluation uses.
         cost: the running :class:`Cost`.
 
@@ -183,6 +197,14 @@ class Objective:
             raise ValueError("data: no batches")
         self.batches = batches
         self.sizes = [batch_size(b) for b in batches]
+        self.weights = [batch_weight(self.loss_fn, b) for b in batches]
+        self.total_weight = sum(self.weights)
+        if not self.total_weight > 0:
+            raise ValueError(
+                f"data: the batches have no weight in the loss's mean (weights "
+                f"{self.weights}: no target tokens?)"
+            )
+        self.weighting = weighting(self.loss_fn, batches)
         self.cost = Cost()
 
     @property
@@ -285,10 +307,13 @@ class Objective:
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
         return float(loss.detach()), grads
 
+    def weighted_mean(self, values: Sequence[float]) -> float:
+        """``sum_b w_b v_b / sum_b w_b`` for one number per batch (``weights``)."""
+        return sum(v * w for v, w in zip(values, self.weights)) / self.total_weight
+
     def mean_loss(self, d: Sequence[torch.Tensor] | None = None) -> float:
-        """Example-weighted mean loss over all batches at ``w0 + d``."""
-        total = sum(self.loss(b, d) * n for b, n in zip(self.batches, self.sizes))
-        return total / self.num_examples
+        """Weighted mean loss over all batches at ``w0 + d`` (the loss of all the data)."""
+        return self.weighted_mean([self.loss(b, d) for b in self.batches])
 
     def protocol(
         self, estimator: str, seed: int | None = None, **extra: Any
@@ -297,11 +322,17 @@ class Objective:
             estimator=estimator,
             examples=self.num_examples,
             batches=len(self.batches),
+            weighting=self.weighting,
             mode=self.mode,
             dtype=str(self.dtype),
             device=str(self.device),
             seed=seed,
-            extra={"params": len(self.names), "dim": self.dim, **extra},
+            extra={
+                **({"tokens": self.total_weight} if self.weighting == "tokens" else {}),
+                "params": len(self.names),
+                "dim": self.dim,
+                **extra,
+            },
         )
 
 

@@ -73,18 +73,16 @@ def _average_case(
         raise ValueError(f"noise: expected one of {NOISES}, got {noise!r}")
     gen, seed_used = make_generator(seed)
     c = obj.scale(adaptive)
-    n = obj.num_examples
     with obj.metered() as cost:
         bases = [obj.loss(b) for b in obj.batches]
-        base = sum(lb * nb for lb, nb in zip(bases, obj.sizes)) / n
+        base = obj.weighted_mean(bases)
         # one noise draw is shared by all batches: the sample is the full-data increase
         per_sample = []
         for _ in progress_bar(range(samples), name, progress):
             d = sample_noise(c, rho, noise, gen)
-            inc = sum(
-                (obj.loss(b, d) - lb) * nb for b, lb, nb in zip(obj.batches, bases, obj.sizes)
+            per_sample.append(
+                obj.weighted_mean([obj.loss(b, d) - lb for b, lb in zip(obj.batches, bases)])
             )
-            per_sample.append(inc / n)
     t = torch.tensor(per_sample, dtype=torch.float64)
     stderr = float(t.std(unbiased=True) / samples**0.5) if samples > 1 else None
     obj.set_offset(None)
@@ -117,7 +115,7 @@ def average_case_sharpness(
     """Average-case sharpness ``E_d L(w + d) - L(w)`` by Monte Carlo.
 
     Each noise draw perturbs the weights once and is evaluated on every batch
-    (example-weighted), so ``stderr`` is the standard error over the ``samples``
+    (weighted by :func:`sharpkit._batch.batch_weight`), so ``stderr`` is the standard error over the ``samples``
     draws of the full-data loss increase.
 
     Args:

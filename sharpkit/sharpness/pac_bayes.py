@@ -84,14 +84,13 @@ def _pac_bayes(
         for _ in range(samples)
     ]
     fn = accuracy_fn or supervised_accuracy
-    n = obj.num_examples
 
     def measure(d: Sequence[torch.Tensor] | None) -> float:
         if target == "accuracy":
             vals = [obj.metric(fn, b, d) for b in obj.batches]
         else:
             vals = [obj.loss(b, d) for b in obj.batches]
-        return sum(v * s for v, s in zip(vals, obj.sizes)) / n
+        return obj.weighted_mean(vals)
 
     def drop(sigma: float) -> float:
         out = 0.0

@@ -358,10 +358,7 @@ def measure_sharpness(
         ) from None
     acc_fn = accuracy_fn or supervised_accuracy
     try:
-        base["accuracy"] = (
-            sum(obj.metric(acc_fn, b, None) * n for b, n in zip(obj.batches, obj.sizes))
-            / obj.num_examples
-        )
+        base["accuracy"] = obj.weighted_mean([obj.metric(acc_fn, b, None) for b in obj.batches])
     except Exception as err:
         if accuracy_fn is not None or needs_accuracy:
             what = "accuracy_fn" if accuracy_fn is not None else "the default accuracy"

@@ -216,7 +216,7 @@ def _worst_case(
             bases.append(base)
             norms.append(_norm(u, p))
             abs_norms.append(_norm([ci * ui for ci, ui in zip(c, u)], 2))
-    value, stderr = weighted_mean_stderr(increases, obj.sizes)
+    value, stderr = weighted_mean_stderr(increases, obj.weights)
     obj.set_offset(None)
     return MetricResult(
         name=name,
@@ -227,9 +227,9 @@ def _worst_case(
             "p": "inf" if p == math.inf else 2,
             "adaptive": adaptive,
             "m": max(obj.sizes),
-            "base_loss": weighted_mean_stderr(bases, obj.sizes)[0],
-            "perturbation_norm": weighted_mean_stderr(norms, obj.sizes)[0],
-            "perturbation_l2": weighted_mean_stderr(abs_norms, obj.sizes)[0],
+            "base_loss": weighted_mean_stderr(bases, obj.weights)[0],
+            "perturbation_norm": weighted_mean_stderr(norms, obj.weights)[0],
+            "perturbation_l2": weighted_mean_stderr(abs_norms, obj.weights)[0],
             "per_batch": increases,
         },
         cost=cost,
@@ -260,7 +260,7 @@ def worst_case_sharpness(
     """Worst-case (m-)sharpness ``E_B max_{||d/c||_p <= rho} L_B(w+d) - L_B(w)``.
 
     Each batch gets its own maximiser (that is m-sharpness with ``m`` the batch
-    size); the value is the example-weighted mean over batches and ``stderr`` its
+    size); the value is the weighted mean over batches (``Objective.weights``) and ``stderr`` its
     standard error over batches.
 
     Args:
@@ -318,7 +318,7 @@ def _epsilon(
     c = obj.scale(True, KESKAR_OFFSET)
     with obj.metered() as cost:
         best, base, u = _pgd(
-            obj, obj.batches, obj.sizes, c, epsilon, math.inf, steps, restarts, gen
+            obj, obj.batches, obj.weights, c, epsilon, math.inf, steps, restarts, gen
         )
     obj.set_offset(None)
     return MetricResult(
@@ -354,7 +354,7 @@ def epsilon_sharpness(
 
         phi(w, eps) = 100 * (max_{|d_i| <= eps (|w_i| + 1)} L(w + d) - L(w)) / (1 + L(w))
 
-    with ``L`` the example-weighted loss over *all* the data (one maximiser, unlike
+    with ``L`` the weighted loss over *all* the data (one maximiser, unlike
     :func:`worst_case_sharpness`). Keskar et al. solve the box-constrained maximum
     with L-BFGS-B; here it is auto-PGD in the box (a feasible lower bound).
 

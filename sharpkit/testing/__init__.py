@@ -1,6 +1,6 @@
 """Dense float64 references for tests and teaching (tiny models only).
 
-:func:`dense_hessian` builds the full Hessian of the example-weighted loss with
+:func:`dense_hessian` builds the full Hessian of the weighted loss with
 plain double-backward autograd in float64, independently of :mod:`sharpkit.curvature`'s
 Hessian-vector products, so the two can be checked against each other.
 :func:`oracle_cases` returns the correctness-oracle problems of the curvature

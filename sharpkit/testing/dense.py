@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sharpkit._batch import as_batch_loss, batch_size, iter_batches, move_batch
+from sharpkit._batch import as_batch_loss, batch_weight, iter_batches, move_batch
 from sharpkit._functional import FrozenModel, check_model_mode_dtype
 
 __all__ = ["dense_hessian"]
@@ -22,9 +22,11 @@ def dense_hessian(
     params: Sequence[str] | Callable[[str], bool] | None = None,
     mode: str = "eval",
 ) -> torch.Tensor:
-    """The dense Hessian of the example-weighted loss, in float64.
+    """The dense Hessian of the weighted loss over batches, in float64.
 
-    ``H = d^2/dw^2 sum_b (n_b/N) L_b(w)`` with ``w`` the selected parameters
+    ``H = d^2/dw^2 sum_b (n_b/N) L_b(w)``, ``N = sum_b n_b``, with ``n_b`` the
+    weight of batch ``b`` in the loss's own normalisation (examples, or target
+    tokens for a token-mean loss: :func:`sharpkit._batch.batch_weight`) and ``w`` the selected parameters
     flattened in ``named_parameters`` order (the order of
     :class:`sharpkit.curvature.HessianOperator`). Computed by
     ``torch.autograd.functional.hessian`` on a flat parameter vector (plain double
@@ -61,8 +63,10 @@ def dense_hessian(
     batches = [move_batch(b, cpu, torch.float64) for b in iter_batches(data)]
     if not batches:
         raise ValueError("data: no batches")
-    sizes = [batch_size(b) for b in batches]
+    sizes = [batch_weight(loss_fn, b) for b in batches]
     total = sum(sizes)
+    if not total > 0:
+        raise ValueError(f"data: the batches have no weight in the loss's mean ({sizes})")
     sel = frozen.values
     shapes = [p.shape for p in sel.values()]
     numels = [p.numel() for p in sel.values()]

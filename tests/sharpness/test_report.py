@@ -26,7 +26,8 @@ TOP_KEYS = {
 METRIC_KEYS = {"name", "value", "stderr", "details", "cost", "protocol"}
 COST_KEYS = {"forward", "gradient", "hvp", "jvp"}
 PROTOCOL_KEYS = {
-    "estimator", "examples", "batches", "mode", "dtype", "device", "seed", "matvecs", "extra",
+    "estimator", "examples", "batches", "weighting", "mode", "dtype", "device", "seed", "matvecs",
+    "extra",
     "version",
 }  # fmt: skip
 

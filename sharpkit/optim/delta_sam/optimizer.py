@@ -11,7 +11,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ... import per_example as pe  # a module import: per_example imports optim too
-from ..._batch import batch_size
+from ..._batch import batch_size, weighted_mean
 from ..._functional import FunctionalView, NotVectorisable
 from ..._rng import RandomState
 from .._base import BatchDrivenSAM, Oracle, check_loss, check_nonneg_float
@@ -50,6 +50,11 @@ class DeltaSAM(BatchDrivenSAM):
       single examples; the Jacobian of the loss vector when BatchNorm couples
       the examples), then :math:`g_\lambda = \sum_i \lambda_i g_i` directly.
       Costs a per-example backward (memory ``n x`` the trainable parameters).
+      Hugging Face models with attention masks vectorise
+      (:func:`sharpkit._functional.vmap_over_model`); where ``vmap`` cannot run
+      a model, the Jacobian is used from the first step on, with one
+      :class:`~sharpkit.optim.msam.VectorisationFallbackWarning` naming the
+      cause and the remedy (``exact_fallback`` keeps the cause).
     - ``'probe'``: backward of the mean loss (graph kept)
       gives ``g``; ``K`` forward probes :math:`a_{ik} = (l_i(w + s z_k) - l_i(w))/s`,
       :math:`z_k \sim N(0, I)`, estimate :math:`\|g_i\|^2 = E[(g_i\cdot z)^2]`
@@ -74,6 +79,14 @@ class DeltaSAM(BatchDrivenSAM):
     :math:`\|s z\| \approx r`); forward differences, whose error is far below
     the estimator's own noise (relative standard deviation of the squared-norm
     estimate :math:`\sqrt{2/K}`).
+
+    **Example weights.** For a loss with ``example_weights(batch)``
+    (:func:`sharpkit._batch.example_weights`; ``sharpkit.hf.HFLoss`` gives a
+    sequence's number of target tokens :math:`w_i`) the batch objective is the
+    loss's own mean :math:`L_B = \sum_i w_i l_i / \sum_i w_i` (the token mean),
+    :math:`g` is its gradient, and the weights are
+    :math:`\lambda_i \propto w_i\, \mathrm{weighting}(\mathrm{stats})_i`, so a
+    uniform weighting is SAM on the token mean. Other losses: :math:`w_i = 1`.
 
     **Choosing a mode.** ``'exact'`` (the default) gives the best statistics
     and is cheap for adapter (LoRA) training, where the trainable parameters are
@@ -101,7 +114,8 @@ class DeltaSAM(BatchDrivenSAM):
         process_group: data-parallel use (default: the group of a
             ``DistributedDataParallel`` model): each rank reweights its own examples
             (the weights are local to a rank's batch) and the ranks' perturbed
-            gradients are averaged by one all-reduce, weighted by example counts.
+            gradients are averaged by one all-reduce, weighted by the batches' weights
+            (example counts, or target tokens for a token-mean loss).
         mode: ``'exact'``, ``'probe'`` or ``'forward-only'``.
         tau: temperature of the default weighting (default 1.0); not with ``weighting``.
         weighting: a callable ``ExampleStats -> (n,)`` non-negative weights, in place
@@ -184,6 +198,9 @@ class DeltaSAM(BatchDrivenSAM):
         self.last_stats: ExampleStats | None = None
         #: the per-example losses at ``w`` of the last step, shape ``(n,)``
         self.last_losses: torch.Tensor | None = None
+        #: why mode='exact' uses the Jacobian of the loss vector instead of vmap over
+        #: examples (set at the first step where vmap failed), or None
+        self.exact_fallback: str | None = None
 
     # -- state dict: the probes' generator travels with it ---------------------------
 
@@ -240,21 +257,25 @@ class DeltaSAM(BatchDrivenSAM):
         assert oracle is not None and oracle.n is not None
         self.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            losses = self._clean_pass(oracle.loss_fn, oracle.batch, oracle.n)
+            losses = self._clean_pass(
+                oracle.loss_fn, oracle.batch, oracle.n, oracle.example_weights
+            )
         self._require_grads("calling loss_fn at w")
         self.last_losses = losses
-        return losses.mean()
+        return weighted_mean(losses, oracle.example_weights)
 
     # -- the clean pass: leave g_lam in .grad ------------------------------------------------
 
     def _per_example(self, loss_fn: Callable[..., Any], batch: Any, where: str) -> torch.Tensor:
         return check_loss(loss_fn(self.model, batch), "none", batch_size(batch), where)
 
-    def _clean_pass(self, loss_fn: Callable[..., Any], batch: Any, n: int) -> torch.Tensor:
+    def _clean_pass(
+        self, loss_fn: Callable[..., Any], batch: Any, n: int, ew: torch.Tensor | None
+    ) -> torch.Tensor:
         if all(group["rho"] == 0.0 for group in self.param_groups):
             # e = 0 whatever the weights: a plain gradient, no statistics
             losses = self._per_example(loss_fn, batch, "at w")
-            losses.mean().backward()
+            weighted_mean(losses, ew).backward()
             self.last_weights, self.last_stats = None, None
             return losses.detach()
         try:
@@ -268,7 +289,7 @@ class DeltaSAM(BatchDrivenSAM):
             raise RuntimeError("DeltaSAM: no parameter of the optimizer requires a gradient")
         if self.mode == "exact":
             losses, grads = self._exact(view.params, loss_fn, batch)
-            stats = exact_statistics(losses, grads)
+            stats = exact_statistics(losses, grads, ew)
             lam = normalised_weights(self.weighting, stats, n)
             self.last_weights, self.last_stats = lam, stats
             with torch.no_grad():
@@ -286,7 +307,7 @@ class DeltaSAM(BatchDrivenSAM):
         gen = self._gen(view.params[0].device)
         if self.mode == "probe":
             losses = self._per_example(loss_fn, batch, "at w")
-            losses.mean().backward(retain_graph=True)
+            weighted_mean(losses, ew).backward(retain_graph=True)
             grads = [p.grad for p in view.params]
             if any(g is None for g in grads):
                 grads = [
@@ -302,7 +323,7 @@ class DeltaSAM(BatchDrivenSAM):
             L = self._evaluate(view.params, loss_fn, batch, stacked, rng)
             losses = self._per_example(loss_fn, batch, "at w")
         stats = probe_statistics(
-            L, losses.detach(), s, t, self.probes, self.probe_radius, self.mode
+            L, losses.detach(), s, t, self.probes, self.probe_radius, self.mode, ew
         )
         lam = normalised_weights(self.weighting, stats, n)
         self.last_weights, self.last_stats = lam, stats
@@ -312,22 +333,31 @@ class DeltaSAM(BatchDrivenSAM):
     def _exact(
         self, params: list[torch.Tensor], loss_fn: Callable[..., Any], batch: Any
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Per-example losses and gradients (vmap; the Jacobian when BatchNorm couples
-        the examples or when vmap cannot run the model)."""
-        if pe.examples_coupled(self.model):
+        """Per-example losses and gradients (vmap; the Jacobian of the loss vector when
+        BatchNorm couples the examples, or from the first step on where vmap cannot run
+        the model: decided once, with one warning)."""
+        coupled = pe.examples_coupled(self.model) or self.exact_fallback is not None
+        if coupled:
             return pe.per_example_gradients(self.model, loss_fn, batch, params=params, coupled=True)
         try:
             return pe.per_example_gradients(
                 self.model, loss_fn, batch, params=params, coupled=False
             )
         except (RuntimeError, NotImplementedError) as err:
+            out = pe.per_example_gradients(self.model, loss_fn, batch, params=params, coupled=True)
+            # the Jacobian path ran, so the failure was vmap's, not the model's
+            self.exact_fallback = f"{type(err).__name__}: {_first_line(err)}"
             warnings.warn(
-                "DeltaSAM: torch.func.vmap could not compute per-example gradients "
-                f"({type(err).__name__}: {err}); using the Jacobian of the loss vector",
+                "DeltaSAM(mode='exact'): torch.func.vmap cannot run this model over single "
+                "examples, so per-example gradients come from the Jacobian of the loss "
+                "vector (n vectorised backward passes of the whole batch) from now on. "
+                f"Cause: {self.exact_fallback}. Remedy: make the forward free of "
+                "value-dependent Python control flow (.item(), `if tensor`, in-place "
+                "buffer updates), or use mode='probe' (no per-example gradients).",
                 VectorisationFallbackWarning,
                 stacklevel=7,
             )
-            return pe.per_example_gradients(self.model, loss_fn, batch, params=params, coupled=True)
+            return out
 
     def _evaluate(
         self,
@@ -345,10 +375,12 @@ class DeltaSAM(BatchDrivenSAM):
                 out = pe.per_example_losses_at(
                     self.model, loss_fn, batch, stacked, vectorise=False, **kw
                 )
-                self._probe_fallback = f"{type(err).__name__}: {err}"
+                self._probe_fallback = f"{type(err).__name__}: {_first_line(err)}"
                 warnings.warn(
-                    "DeltaSAM: torch.func.vmap could not run the probe forwards as one batch; "
-                    f"they run one by one from now on. Reason: {self._probe_fallback}",
+                    "DeltaSAM: torch.func.vmap cannot run the probe forwards as one batch; "
+                    f"they run one by one from now on (the same numbers). Cause: "
+                    f"{self._probe_fallback}. Remedy: make the forward free of value-dependent "
+                    "Python control flow (.item(), `if tensor`, in-place buffer updates).",
                     VectorisationFallbackWarning,
                     stacklevel=7,
                 )
@@ -365,3 +397,8 @@ def _check_settings(mode: Any, probes: Any, probe_radius: Any) -> None:
         raise ValueError(f"probes: must be >= 1, got {probes}")
     if check_nonneg_float("probe_radius", probe_radius) == 0.0:
         raise ValueError("probe_radius: must be > 0")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

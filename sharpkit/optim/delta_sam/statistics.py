@@ -7,6 +7,11 @@ r"""delta-SAM's statistics modes: what a weighting sees, exactly or from probes.
   :math:`\|g_i\|^2 = E[(g_i \cdot z)^2]` by :math:`\frac1K \sum_k a_{ik}^2`; the
   alignment comes from one more forward along :math:`\hat g` (probe) or from the
   probes alone (forward-only) (:func:`probe_points`, :func:`probe_statistics`).
+
+The batch gradient :math:`g` is the gradient of the loss's own batch mean: with
+example weights :math:`w_i` (:func:`sharpkit._batch.example_weights`, the target
+tokens of a sequence for a token-mean loss),
+:math:`g = \sum_i w_i g_i / \sum_i w_i`; :math:`g = \frac1n \sum_i g_i` otherwise.
 """
 
 from __future__ import annotations
@@ -34,15 +39,22 @@ def alignment(dots: torch.Tensor, sq_norms: torch.Tensor, batch_sq: torch.Tensor
     return cos.clamp(-1.0, 1.0)
 
 
-def exact_statistics(losses: torch.Tensor, grads: list[torch.Tensor]) -> ExampleStats:
-    """:class:`ExampleStats` from per-example losses ``(n,)`` and gradients ``(n, *p.shape)``."""
+def exact_statistics(
+    losses: torch.Tensor, grads: list[torch.Tensor], weights: torch.Tensor | None = None
+) -> ExampleStats:
+    """:class:`ExampleStats` from per-example losses ``(n,)`` and gradients ``(n, *p.shape)``
+    (``weights``: the example weights of the batch mean, ``None`` for equal ones)."""
     n = losses.shape[0]
     flat = [g.reshape(n, -1) for g in grads]
-    g_mean = [f.mean(0) for f in flat]
+    if weights is None:
+        g_mean = [f.mean(0) for f in flat]
+    else:
+        wn = weights / weights.sum()
+        g_mean = [wn.to(f) @ f for f in flat]
     sq = torch.stack([torch.linalg.vector_norm(f, dim=1) for f in flat]).square().sum(0)
     dots = torch.stack([f @ gm for f, gm in zip(flat, g_mean)]).sum(0)
     batch_sq = global_norm(g_mean).square()
-    return ExampleStats(losses, sq, alignment(dots, sq, batch_sq), "exact")
+    return ExampleStats(losses, sq, alignment(dots, sq, batch_sq), "exact", weights=weights)
 
 
 @torch.no_grad()
@@ -88,13 +100,16 @@ def probe_statistics(
     probes: int,
     probe_radius: float,
     mode: str,
+    weights: torch.Tensor | None = None,
 ) -> ExampleStats:
-    """:class:`ExampleStats` from the probe losses ``L`` and the losses ``l0`` at ``w``."""
+    """:class:`ExampleStats` from the probe losses ``L`` and the losses ``l0`` at ``w``
+    (``weights``: the example weights of the batch mean, ``None`` for equal ones)."""
     K = probes
     A = (L[:K] - l0) / s  # (K, n): a_ik ~ g_i . z_k
     sq = A.pow(2).mean(0)
     if t is None:  # forward-only
-        b = A.mean(1)  # b_k ~ g . z_k
+        # b_k ~ g . z_k, g the (weighted) batch mean of the g_i
+        b = A.mean(1) if weights is None else A @ (weights / weights.sum()).to(A)
         dots = (A * b[:, None]).mean(0)
         align = alignment(dots, sq, b.pow(2).mean())
     elif t > 0:
@@ -104,4 +119,4 @@ def probe_statistics(
         align = align.clamp(-1.0, 1.0)
     else:  # g = 0: no direction to align with
         align = torch.where(sq > 0, torch.zeros_like(sq), torch.ones_like(sq))
-    return ExampleStats(l0, sq, align, mode, probes=K)
+    return ExampleStats(l0, sq, align, mode, probes=K, weights=weights)

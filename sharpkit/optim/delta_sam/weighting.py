@@ -1,7 +1,10 @@
 """delta-SAM's weightings: per-example statistics in, weights on the simplex out.
 
 A weighting is any callable ``ExampleStats -> (n,)`` non-negative tensor;
-:class:`~sharpkit.optim.DeltaSAM` normalises the result to sum to one. The
+:class:`~sharpkit.optim.DeltaSAM` multiplies it by the loss's example weights
+(``ExampleStats.weights``: the target tokens of each sequence for a token-mean
+loss, so that uniform weights give the batch gradient of the token mean, i.e.
+SAM) and normalises the result to sum to one. The
 paper (Zhou et al., 2022) up-weights the instances that the shared perturbation
 leaves unguarded but its exact formula is not available to sharpkit; the
 default :class:`UnguardednessSoftmax` is sharpkit's reconstruction from the
@@ -41,6 +44,9 @@ class ExampleStats:
             have alignment 0.
         mode: ``'exact'``, ``'probe'`` or ``'forward-only'`` (how they were obtained).
         probes: number of random probes (0 in exact mode).
+        weights: the example weights of the loss's batch mean ``w_i``
+            (:func:`sharpkit._batch.example_weights`), or ``None`` (equal). The
+            final weights are ``lam_i ∝ w_i * weighting(stats)_i``.
     """
 
     losses: torch.Tensor
@@ -48,6 +54,7 @@ class ExampleStats:
     alignment: torch.Tensor
     mode: str
     probes: int = 0
+    weights: torch.Tensor | None = None
 
     @property
     def unguardedness(self) -> torch.Tensor:
@@ -132,9 +139,9 @@ class InverseNormWeights:
 
 
 def normalised_weights(weighting: Weighting, stats: ExampleStats, n: int) -> torch.Tensor:
-    """``weighting(stats)`` checked (shape ``(n,)``, finite, non-negative, not all zero)
-    and normalised to sum to one. A non-finite loss gives uniform weights (the
-    step is skipped anyway)."""
+    """``weighting(stats)`` checked (shape ``(n,)``, finite, non-negative, not all zero),
+    times the example weights ``stats.weights`` (if any), normalised to sum to one.
+    A non-finite loss gives uniform weights (the step is skipped anyway)."""
     if not bool(torch.isfinite(stats.losses).all()):
         # a non-finite loss makes the step skip anyway; keep the NaN, do not blame the weighting
         return torch.full_like(stats.losses, 1.0 / n)
@@ -149,4 +156,12 @@ def normalised_weights(weighting: Weighting, stats: ExampleStats, n: int) -> tor
             "weighting: weights must be finite, non-negative and not all zero; got "
             f"{lam.tolist() if n <= 8 else lam}"
         )
+    if stats.weights is not None:
+        lam = lam * stats.weights.to(lam)
+        total = lam.sum()
+        if not bool(total > 0):
+            raise ValueError(
+                "weighting: puts all its weight on examples that have none in the loss's "
+                "mean (no target tokens)"
+            )
     return lam / total
