@@ -69,6 +69,10 @@ def _per_example_loss(loss_fn: Any, fisher: str, gen: torch.Generator) -> Callab
             return out.reshape(out.shape[0], -1).sum(dim=1)
 
         return emp_loss
+    # a loss that knows its per-example form (sharpkit.hf.HFLoss: a token mean per sequence)
+    per_example = getattr(loss_fn, "per_example", None)
+    if per_example is not None and getattr(loss_fn, "reduction", None) != "none":
+        return per_example
     return loss_fn
 
 
