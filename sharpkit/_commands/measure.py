@@ -533,8 +533,8 @@ def _figures(
     if args.no_landscape:
         return files
     kw = dict(device=args.device_obj, dtype=args.dtype_obj, progress=progress)
-    d1 = filter_normalized_direction(model, seed=args.seed)
-    d2 = filter_normalized_direction(model, seed=args.seed + 1)
+    # on one line: a warning about them (a fresh adapter's zero factor) is shown once
+    d1, d2 = (filter_normalized_direction(model, seed=args.seed + i) for i in range(2))
     s1 = loss_surface_1d(model, loss, data, d1, steps=41, **kw)
     ax = plot_surface_1d(s1)
     ax.set_title("1-D loss (filter-normalised direction)")

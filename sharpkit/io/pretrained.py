@@ -322,6 +322,7 @@ def _attach_adapter(info: Pretrained, base: nn.Module) -> nn.Module:
     (weights,) = info.weights
     base_dir = info.base.path if info.base is not None else "model"
     state = load_state_dict(weights)
+
     def short(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # readable names
         return {k.removeprefix("base_model.model."): v for k, v in d.items()}
 
