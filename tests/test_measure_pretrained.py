@@ -46,6 +46,20 @@ DATA = textwrap.dedent(
         return out
 
 
+    def peft_gpt2(r=2):  # a PeftModel that build() returns, for an adapter file
+        import peft
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # stderr for sharpkit alone
+        base = transformers.GPT2LMHeadModel.from_pretrained("gpt2")
+        lora = peft.LoraConfig(r=r, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+        return peft.get_peft_model(base, lora)
+
+
+    def peft_gpt2_r4():
+        return peft_gpt2(r=4)
+
+
     def classes():  # sequence classification, 3 classes
         g = torch.Generator().manual_seed(2)
         out = []
@@ -192,6 +206,18 @@ def test_peft_adapter_directory(work, monkeypatch, how) -> None:
     _check(doc, _reference(ref_model, _data(work, "lm")))
 
 
+def test_peft_adapter_file_onto_the_model_build_returns(work, monkeypatch) -> None:
+    """adapter_model.safetensors (keys without the adapter name) loads onto the
+    PeftModel that --model builds; the numbers are the adapter directory's."""
+    adapter = "adapter/adapter_model.safetensors"
+    code, doc = _measure(work, monkeypatch, adapter, "--model", "hfdata:peft_gpt2",
+                         "--loss", "hf", "--data", "hfdata:lm")  # fmt: skip
+    assert code == 0
+    base = transformers.GPT2LMHeadModel.from_pretrained(work / "gpt2")
+    ref_model = peft.PeftModel.from_pretrained(base, work / "adapter", is_trainable=True)
+    _check(doc, _reference(ref_model, _data(work, "lm")))
+
+
 def _dir_with(work, name: str, files: dict[str, bytes]) -> str:
     d = work / name
     d.mkdir(exist_ok=True)
@@ -219,6 +245,10 @@ def _bad_cases(work) -> dict[str, tuple[list[str], str]]:
             "shape mismatches",
         ),
         "--model with a directory": (["gpt2", "--model", "hfdata:lm"], "--model: not used"),
+        "adapter file of another rank": (
+            ["adapter/adapter_model.safetensors", "--model", "hfdata:peft_gpt2_r4", "--loss", "hf"],
+            "the adapter does not fit the base: shape mismatches: transformer.h.0.attn.c_attn.lora_A",
+        ),
         "--base with a model": (["gpt2", "--base", "gpt2"], "--base: only used"),
     }
 
@@ -231,6 +261,7 @@ BAD = [
     "hub base",
     "mismatched base",
     "--model with a directory",
+    "adapter file of another rank",
     "--base with a model",
 ]
 

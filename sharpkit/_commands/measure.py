@@ -403,11 +403,20 @@ def _make_model(spec: str) -> Any:
 
 
 def _load_into(model_spec: str, path: str) -> Any:
-    from sharpkit.io import CheckpointError, load_checkpoint
+    """The ``--model`` module with the checkpoint file loaded (a PEFT model also takes
+    its adapter file, ``adapter_model.safetensors``)."""
+    from sharpkit.io import CheckpointError, load_state_dict
+    from sharpkit.io.checkpoint import load_state_into
 
     model = _make_model(model_spec)
     try:
-        return load_checkpoint(model, path)
+        state = load_state_dict(path)
+        if hasattr(model, "peft_config"):
+            from sharpkit.io.pretrained import is_adapter_state, load_adapter_state
+
+            if is_adapter_state(model, state):
+                return load_adapter_state(model, state, path)
+        return load_state_into(model, state, path)
     except CheckpointError as err:
         raise BadInput(str(err)) from None
 

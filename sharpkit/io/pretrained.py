@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,14 @@ from .checkpoint import (
     state_problems,
 )
 
-__all__ = ["Pretrained", "is_pretrained_dir", "load_pretrained", "read_pretrained"]
+__all__ = [
+    "Pretrained",
+    "is_adapter_state",
+    "is_pretrained_dir",
+    "load_adapter_state",
+    "load_pretrained",
+    "read_pretrained",
+]
 
 MODEL_CONFIG = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -301,7 +309,6 @@ def _build(info: Pretrained) -> nn.Module:
 
 def _attach_adapter(info: Pretrained, base: nn.Module) -> nn.Module:
     import peft
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     try:
         config = peft.PeftConfig.from_pretrained(str(info.path))
@@ -318,31 +325,74 @@ def _attach_adapter(info: Pretrained, base: nn.Module) -> nn.Module:
             f"{info.path}: mismatched: the adapter does not fit the base {info.architecture} "
             f"({_reason(err)})",
         ) from None
-    expected = get_peft_model_state_dict(model)
     (weights,) = info.weights
-    base_dir = info.base.path if info.base is not None else "model"
-    state = load_state_dict(weights)
+    return load_adapter_state(model, load_state_dict(weights), weights, base=info.base.path)
 
-    def short(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # readable names
+
+def is_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` is a PEFT adapter file's state for the PEFT model ``model``:
+    ``model`` has adapters and no key of ``state`` is one of ``model``'s own (an
+    adapter file's keys carry no adapter name; a full state dict's do).
+
+    Example:
+        >>> is_adapter_state(nn.Linear(2, 2), {"weight": torch.zeros(2, 2)})
+        False
+    """
+    return hasattr(model, "peft_config") and not set(state) & set(model.state_dict())
+
+
+def load_adapter_state(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    where: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str] | None = None,
+) -> nn.Module:
+    """Load a PEFT adapter file's tensors into the PEFT model ``model``, checked first.
+
+    ``state`` has PEFT's saved layout (``adapter_model.safetensors``: keys without
+    the adapter name). It is compared with the state PEFT would save for ``model``
+    (its active adapter): missing and unexpected keys, shapes and dtype families
+    are refused before anything is copied; then ``set_peft_model_state_dict``
+    places it.
+
+    Args:
+        model: a PEFT model (``PeftModel``) with the adapter's configuration.
+        state: the file's tensors (:func:`~sharpkit.io.load_state_dict`).
+        where: the file, for messages.
+        base: the base model's directory, for messages.
+
+    Returns:
+        ``model``, in eval mode.
+
+    Raises:
+        CheckpointError: ``"mismatched"`` or ``"nonfinite"``.
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapter = getattr(model, "active_adapter", "default")
+    expected = get_peft_model_state_dict(model, adapter_name=adapter)
+
+    def short(d: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # readable names
         return {k.removeprefix("base_model.model."): v for k, v in d.items()}
 
     problems = state_problems(short(expected), short(state))
     if problems:
+        on = f" {base}" if base is not None else ""
         raise CheckpointError(
             "mismatched",
-            f"{weights}: mismatched: the adapter does not fit the base {base_dir}: "
-            + "; ".join(problems),
+            f"{where}: mismatched: the adapter does not fit the base{on}: " + "; ".join(problems),
         )
     bad = nonfinite_entries(state)
     if bad:
         raise CheckpointError(
-            "nonfinite", f"{weights}: nonfinite: non-finite weights (NaN or inf) in: {_names(bad)}"
+            "nonfinite", f"{where}: nonfinite: non-finite weights (NaN or inf) in: {_names(bad)}"
         )
-    result = set_peft_model_state_dict(model, state)
+    result = set_peft_model_state_dict(model, dict(state), adapter_name=adapter)
     if result.unexpected_keys:
         raise CheckpointError(
             "mismatched",
-            f"{weights}: mismatched: PEFT did not place {_names(result.unexpected_keys)}",
+            f"{where}: mismatched: PEFT did not place {_names(result.unexpected_keys)}",
         )
     return model.eval()
 
