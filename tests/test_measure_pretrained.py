@@ -218,6 +218,30 @@ def test_peft_adapter_file_onto_the_model_build_returns(work, monkeypatch) -> No
     _check(doc, _reference(ref_model, _data(work, "lm")))
 
 
+def test_series_of_trainer_checkpoint_directories(work, monkeypatch) -> None:
+    """transformers.Trainer's checkpoint-N folders (save_pretrained files next to
+    pickled optimizer state, which is never opened) give a series over the steps."""
+    runs = work / "trainer"
+    for step, seed in ((100, 5), (200, 6)):
+        torch.manual_seed(seed)
+        _gpt2().save_pretrained(runs / f"checkpoint-{step}")
+        (runs / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"not even a pickle")
+    monkeypatch.chdir(work)
+    out = work / "out_series"
+    dirs = ["trainer/checkpoint-100", "trainer/checkpoint-200"]
+    code = main(["measure", *dirs, "--data", "hfdata:lm", "--metrics", "lambda_max",
+                 "--dtype", "float64", "--out", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0
+    series = json.loads((out / "series.json").read_text())
+    assert series["steps"] == [100, 200] and series["step_source"] == "file name"
+    for d, rep in zip(dirs, series["reports"]):
+        model = transformers.GPT2LMHeadModel.from_pretrained(work / d).double().eval()
+        H = HessianOperator(model, loss_for(model), _data(work, "lm"))
+        tol = resolve_options(["lambda_max"], {})["lambda_max"]["tol"]
+        ref = float(eigenvalues(H, k=1, tol=tol, seed=0).eigenvalues[0])
+        assert rep["metrics"]["lambda_max"]["value"] == pytest.approx(ref, rel=1e-8)
+
+
 def _dir_with(work, name: str, files: dict[str, bytes]) -> str:
     d = work / name
     d.mkdir(exist_ok=True)
