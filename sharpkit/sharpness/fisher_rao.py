@@ -138,8 +138,10 @@ def fisher_rao_norm(
 
     Args:
         model: the network (never modified).
-        loss_fn: an nn loss module (its ``reduction='none'`` form is used) or a
-            ``loss_fn(model, batch)`` returning one loss per example.
+        loss_fn: an nn loss module (its ``reduction='none'`` form is used), a loss
+            with a ``per_example`` form (:class:`sharpkit.hf.HFLoss`: one token-mean
+            loss per sequence), or a ``loss_fn(model, batch)`` returning one loss
+            per example.
         data: one batch or an iterable of batches.
         fisher: ``"empirical"`` (data labels) or ``"model"`` (labels sampled from the
             softmax; needs ``nn.CrossEntropyLoss``).
