@@ -263,6 +263,19 @@ def _bad_cases(work) -> dict[str, tuple[list[str], str]]:
             [_dir_with(work, "noarch", {"config.json": json.dumps(no_arch).encode()})],
             "names no architectures",
         ),
+        "weights of another config": (
+            [
+                _dir_with(
+                    work,
+                    "other_config",
+                    {
+                        "config.json": (work / "gpt2_narrow" / "config.json").read_bytes(),
+                        "model.safetensors": (work / "gpt2" / "model.safetensors").read_bytes(),
+                    },
+                )
+            ],
+            "mismatched: does not fit the model: shape mismatches",
+        ),
         "hub base": (["adapter_nobase"], "never downloads"),
         "mismatched base": (
             ["adapter", "--base", "gpt2_narrow", "--metrics", "lambda_max"],
@@ -282,6 +295,7 @@ BAD = [
     "no weights",
     "pickle weights",
     "no architectures",
+    "weights of another config",
     "hub base",
     "mismatched base",
     "--model with a directory",
