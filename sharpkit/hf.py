@@ -364,14 +364,17 @@ def task_of(model: Any) -> str:
     ``*ForMaskedLM``, ``*ForTokenClassification`` and
     ``*ForConditionalGeneration`` (decoder labels, not shifted by the loss)
     mean ``"token"``; ``*ForSequenceClassification`` means ``"sequence"``;
-    anything else ``"auto"``. PEFT models are looked through.
+    anything else ``"auto"``. PEFT models are looked through; a class name (a
+    ``config.json``'s ``architectures`` entry) works too.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
         >>> task_of(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16)))
         'causal_lm'
+        >>> task_of("BertForSequenceClassification")
+        'sequence'
     """
-    name = type(_base_model(model)).__name__
+    name = model if isinstance(model, str) else type(_base_model(model)).__name__
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal_lm"
     if name.endswith(("ForMaskedLM", "ForTokenClassification", "ForConditionalGeneration")):

@@ -9,6 +9,8 @@ Usage::
                      [--max-batches N] [--seed N] [--threads N] [--out DIR] [--overwrite]
                      [--no-landscape] [--no-progress]
     sharpkit measure CKPT_1 CKPT_2 ... --model SPEC --data SPEC    # series over training
+    sharpkit measure MODEL_DIR --data SPEC             # a save_pretrained directory
+    sharpkit measure ADAPTER_DIR [--base MODEL_DIR] --data SPEC    # a PEFT adapter on its base
 
 ``SPEC`` is ``module:callable`` or ``path/to/file.py:callable`` (the current folder
 is on the import path, as with ``python -m``). The model and data callables are
@@ -21,6 +23,20 @@ factory returning one (an nn loss class such as ``torch.nn:CrossEntropyLoss`` is
 split of scikit-learn's bundled digits, the demo's data) and ``digits-test``.
 Checkpoints are ``.safetensors`` or torch state dicts (loaded with
 ``weights_only=True``; pickles that need code are refused).
+
+A CHECKPOINT may instead be a Hugging Face ``save_pretrained`` directory
+(``config.json`` and ``model.safetensors``), taken without ``--model``: the model
+is built from its configuration (the transformers class its ``architectures``
+names, offline) and its weights read with safetensors only (a
+``pytorch_model.bin`` is refused, never unpickled). Or a PEFT adapter directory
+(``adapter_config.json`` and ``adapter_model.safetensors``) on top of its base: the
+``--base`` directory, else the configuration's ``base_model_name_or_path`` when
+it is a local directory (a hub name is refused: nothing is downloaded); the
+metrics are then taken over the adapter's parameters, the base held fixed. For
+such directories ``--loss`` defaults to ``hf`` with the task of the model class
+(causal LM, token or sequence classification) and ``--accuracy`` to the matching
+arg-max accuracy; everything else defaults to ``cross_entropy``. See
+:mod:`sharpkit.io.pretrained`.
 
 Output in ``--out`` (default ``sharpkit-out/measure``): the table on stdout,
 ``report.json`` and figures ``esd.png``, ``landscape_1d.png``,
@@ -90,14 +106,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"metrics (default: {','.join(DEFAULT_METRICS)}) and their options "
         "(--set METRIC.KEY=VALUE, shown with defaults):\n" + describe_metrics(),
     )
-    p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT", help="one or more checkpoints")
+    p.add_argument(
+        "checkpoints",
+        nargs="*",
+        metavar="CHECKPOINT",
+        help="one or more checkpoint files (with --model), save_pretrained directories or "
+        "PEFT adapter directories (without --model)",
+    )
     p.add_argument("--demo", action="store_true", help="train and measure the built-in demo")
     p.add_argument("--model", help="module:callable or file.py:callable returning the nn.Module")
+    p.add_argument(
+        "--base",
+        help="the base model's save_pretrained directory of a PEFT adapter directory "
+        "(default: the adapter's base_model_name_or_path, when a local directory)",
+    )
     p.add_argument("--data", help="'digits', 'digits-test', or module:callable / file.py:callable")
     p.add_argument(
         "--loss",
-        default="cross_entropy",
-        help="cross_entropy (default), mse, hf (the loss a Hugging Face model computes "
+        default=None,
+        help="cross_entropy (the default for checkpoint files), mse, hf (the default for "
+        "save_pretrained and adapter directories: the loss a Hugging Face model computes "
         "from dict batches with labels; accuracy then defaults to its arg-max accuracy), "
         "or a spec of loss_fn(model, batch) or of a zero-argument factory returning a "
         "loss (e.g. torch.nn:CrossEntropyLoss)",
@@ -296,7 +324,7 @@ def _function_or_factory(spec: str, what: str) -> Any:
     return fn
 
 
-def _load_loss(spec: str) -> Any:
+def _load_loss(spec: str, task: str = "auto") -> Any:
     from torch import nn
 
     if spec == "cross_entropy":
@@ -304,9 +332,9 @@ def _load_loss(spec: str) -> Any:
     if spec == "mse":
         return nn.MSELoss()
     if spec == "hf":  # models that compute their loss from dict batches with labels
-        from sharpkit.hf import hf_loss
+        from sharpkit.hf import HFLoss
 
-        return hf_loss
+        return HFLoss(task)
     loss = _function_or_factory(spec, "loss")
     from sharpkit._batch import as_batch_loss
 
@@ -375,13 +403,99 @@ def _make_model(spec: str) -> Any:
 
 
 def _load_into(model_spec: str, path: str) -> Any:
-    from sharpkit.io import CheckpointError, load_checkpoint
+    """The ``--model`` module with the checkpoint file loaded (a PEFT model also takes
+    its adapter file, ``adapter_model.safetensors``)."""
+    from sharpkit.io import CheckpointError, load_state_dict
+    from sharpkit.io.checkpoint import load_state_into
 
     model = _make_model(model_spec)
     try:
-        return load_checkpoint(model, path)
+        state = load_state_dict(path)
+        if hasattr(model, "peft_config"):
+            from sharpkit.io.pretrained import is_adapter_state, load_adapter_state
+
+            if is_adapter_state(model, state):
+                return load_adapter_state(model, state, path)
+        return load_state_into(model, state, path)
     except CheckpointError as err:
         raise BadInput(str(err)) from None
+
+
+def _sources(args: Any) -> list[Any]:
+    """Each CHECKPOINT: a file path (loaded into ``--model``) or, for a directory, the
+    :class:`~sharpkit.io.pretrained.Pretrained` it holds, checked from its files alone."""
+    from sharpkit.io import CheckpointError
+    from sharpkit.io.pretrained import ADAPTER_CONFIG, is_pretrained_dir, read_pretrained
+
+    out: list[Any] = []
+    for c in args.checkpoints:
+        path = Path(c)
+        if not path.is_dir() or (args.model and not is_pretrained_dir(path)):
+            out.append(c)  # a checkpoint file for --model (which refuses a directory)
+            continue
+        base = args.base if (path / ADAPTER_CONFIG).is_file() else None
+        try:
+            out.append(read_pretrained(path, base=base))
+        except CheckpointError as err:
+            raise BadInput(str(err)) from None
+    dirs = [s for s in out if not isinstance(s, str)]
+    if dirs and args.model:
+        raise BadInput(
+            f"--model: not used with the directory {str(dirs[0].path)!r} (its model is built "
+            "from its config.json); leave --model out, or give a checkpoint file"
+        )
+    if len(dirs) < len(out) and not args.model:
+        raise BadInput(
+            "--model: required with a CHECKPOINT file (module:callable or file.py:callable); "
+            "a save_pretrained or PEFT adapter directory needs none"
+        )
+    if args.base is not None and not any(s.kind == "adapter" for s in dirs):
+        raise BadInput("--base: only used with a PEFT adapter directory (adapter_config.json)")
+    return out
+
+
+def _hf_task(sources: list[Any]) -> str:
+    """The task of ``--loss hf``: the model class's, when every CHECKPOINT is a directory
+    of one task; else ``auto`` (from the labels)."""
+    from sharpkit.hf import task_of
+
+    tasks = {task_of(s.architecture) for s in sources if not isinstance(s, str)}
+    if len(tasks) == 1 and all(not isinstance(s, str) for s in sources):
+        return tasks.pop()
+    return "auto"
+
+
+def _default_loss(sources: list[Any]) -> str:
+    """``--loss`` when not given: ``hf`` for Hugging Face directories, else ``cross_entropy``."""
+    if sources and all(not isinstance(s, str) for s in sources):
+        return "hf"
+    return "cross_entropy"
+
+
+def _load_source(model_spec: str | None, source: Any) -> Any:
+    """The model of one CHECKPOINT (see :func:`_sources`), loaded."""
+    from sharpkit.io import CheckpointError
+    from sharpkit.io.pretrained import load_pretrained
+
+    if isinstance(source, str):
+        assert model_spec is not None
+        return _load_into(model_spec, source)
+    try:
+        return load_pretrained(source)
+    except CheckpointError as err:
+        raise BadInput(str(err)) from None
+
+
+def _fingerprint(source: Any) -> dict[str, Any]:
+    """What identifies a CHECKPOINT's contents: its file(s), paths, sizes and times."""
+
+    def one(path: Path) -> dict[str, Any]:
+        st = path.stat()
+        return {"path": str(path.resolve()), "bytes": st.st_size, "mtime": st.st_mtime}
+
+    if isinstance(source, str):
+        return one(Path(source))
+    return {"path": str(source.path.resolve()), "files": [one(f) for f in source.files]}
 
 
 #: a step at the end of a file name: ``ckpt_100``, ``step-100``, ``epoch3``, ``100``
@@ -428,8 +542,8 @@ def _figures(
     if args.no_landscape:
         return files
     kw = dict(device=args.device_obj, dtype=args.dtype_obj, progress=progress)
-    d1 = filter_normalized_direction(model, seed=args.seed)
-    d2 = filter_normalized_direction(model, seed=args.seed + 1)
+    # on one line: a warning about them (a fresh adapter's zero factor) is shown once
+    d1, d2 = (filter_normalized_direction(model, seed=args.seed + i) for i in range(2))
     s1 = loss_surface_1d(model, loss, data, d1, steps=41, **kw)
     ax = plot_surface_1d(s1)
     ax.set_title("1-D loss (filter-normalised direction)")
@@ -482,14 +596,10 @@ def _config(args: Any) -> dict[str, Any]:
     """Everything that decides the numbers of this run (and the sharpkit version)."""
     from sharpkit import __version__
 
-    def fingerprint(path: str) -> dict[str, Any]:
-        st = Path(path).stat()
-        return {"path": str(Path(path).resolve()), "bytes": st.st_size, "mtime": st.st_mtime}
-
     return {
         "sharpkit": __version__,
         "demo": bool(args.demo),
-        "checkpoints": [fingerprint(c) for c in args.checkpoints],
+        "checkpoints": [_fingerprint(s) for s in getattr(args, "sources", args.checkpoints)],
         "model": args.model,
         "data": args.data,
         "loss": args.loss,
@@ -573,26 +683,31 @@ def _validate(args: Any) -> tuple[Any, Any, list[Any], Any]:
     args.options = _parse_overrides(args.overrides, args.metric_names)
     _check_out(args.out)
     if args.demo:
-        if args.checkpoints or args.model or args.data or args.accuracy:
-            raise BadInput("--demo: takes no CHECKPOINT, --model, --data or --accuracy")
-        if args.loss != "cross_entropy":
+        if args.checkpoints or args.model or args.data or args.accuracy or args.base:
+            raise BadInput("--demo: takes no CHECKPOINT, --model, --base, --data or --accuracy")
+        if args.loss not in (None, "cross_entropy"):
             raise BadInput("--demo: measures its classifier with cross_entropy; takes no --loss")
+        args.loss, args.sources = "cross_entropy", []
         loss, data, models, accuracy = torch.nn.CrossEntropyLoss(), None, [], None
     else:
         if not args.checkpoints:
-            raise BadInput("give a CHECKPOINT (with --model and --data), or --demo")
-        if not args.model:
             raise BadInput(
-                "--model: required with a CHECKPOINT (module:callable or file.py:callable)"
+                "give a CHECKPOINT (a file with --model, or a save_pretrained directory) and "
+                "--data, or --demo"
             )
+        args.sources = _sources(args)
         if not args.data:
             raise BadInput("--data: required with a CHECKPOINT ('digits' or a spec)")
-        loss = _load_loss(args.loss)
+        if args.loss is None:
+            args.loss = _default_loss(args.sources)
+        task = _hf_task(args.sources)
+        loss = _load_loss(args.loss, task)
         accuracy = _load_accuracy(args.accuracy)
         if accuracy is None and args.loss == "hf":
-            from sharpkit.hf import hf_accuracy
+            from sharpkit.hf import HFAccuracy
 
-            accuracy = hf_accuracy  # arg-max of the logits (token-level for language models)
+            # arg-max of the logits (token-level for language models)
+            accuracy = HFAccuracy(task)
     from sharpkit.sharpness._registry import resolve_options
 
     resolved = resolve_options(args.metric_names, args.options)
@@ -615,7 +730,7 @@ def _validate(args: Any) -> tuple[Any, Any, list[Any], Any]:
             f"(inputs, targets) batches, but --data gives {type(first).__name__}; pass "
             "--accuracy SPEC, --set pac_bayes.target=loss, or leave pac_bayes out"
         )
-    models = [_load_into(args.model, c) for c in args.checkpoints]
+    models = [_load_source(args.model, s) for s in args.sources]
     return loss, data, models, accuracy
 
 

@@ -88,6 +88,10 @@ _DEFAULT_HVP = {"cpu": "rev-rev", "cuda": "rev-rev"}
 _CACHING = ("rev-rev", "linearize")
 
 
+#: the groupings of :meth:`HessianOperator.blocks`
+_BLOCKS = ("module", "parameter", "lora")
+
+
 def linearize_blocker(loss_fn: Any) -> str | None:
     """Why ``hvp="linearize"`` must not run with ``loss_fn``, or ``None``.
 
@@ -585,25 +589,46 @@ class HessianOperator:
         return out
 
     def blocks(self, by: str = "module") -> dict[str, HessianOperator]:
-        """Diagonal blocks of ``H``: one operator per module (``by="module"``) or per
-        parameter (``by="parameter"``), keyed by the module/parameter name.
+        """Diagonal blocks of ``H``: one operator per module (``by="module"``), per
+        parameter (``by="parameter"``) or per LoRA adapter (``by="lora"``).
+
+        ``by="lora"`` groups the two factors of each adapted layer, ``A`` and ``B``
+        together (the factor pairs of :func:`sharpkit.balance.find_pairs`:
+        sharpkit's :class:`~sharpkit.balance.LoRALinear` and PEFT's LoRA layers,
+        ``...lora_A.<adapter>.weight`` / ``...lora_B.<adapter>.weight``), keyed by
+        the pair's name (the module path, plus ``.<adapter>`` for PEFT); selected
+        parameters outside every pair (a classifier head, say) are in no block.
+        Its block is the Hessian of the loss in that adapter's ``(A, B)``, whose
+        off-diagonal part couples the factors of the product ``B A``.
 
         Per-layer spectra are the spectra of these blocks (not of ``H`` itself). The
         blocks share this operator's frozen copies, batches and random state (they
-        are blocks of the same matrix) and its caching options.
+        are blocks of the same matrix) and its caching options; within a block the
+        parameters keep this operator's order (:attr:`param_names`).
+
+        Raises:
+            ValueError: ``by`` unknown, or ``"lora"`` with no selected LoRA factor.
 
         Example:
             >>> model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
             >>> H = HessianOperator(model, nn.MSELoss(), (torch.randn(4, 2), torch.randn(4, 1)))
             >>> {k: b.dim for k, b in H.blocks().items()}
             {'0': 9, '2': 4}
+            >>> from sharpkit.balance import add_lora
+            >>> lora = add_lora(model, ["0", "2"], rank=1)  # A (1, in) and B (out, 1) each
+            >>> H = HessianOperator(lora, nn.MSELoss(), (torch.randn(4, 2), torch.randn(4, 1)))
+            >>> {k: b.param_names for k, b in H.blocks(by="lora").items()}
+            {'0': ['0.lora_A', '0.lora_B'], '2': ['2.lora_A', '2.lora_B']}
         """
-        if by not in ("module", "parameter"):
-            raise ValueError(f"by: expected 'module' or 'parameter', got {by!r}")
+        if by not in _BLOCKS:
+            raise ValueError(f"by: expected one of {_BLOCKS}, got {by!r}")
         groups: dict[str, list[str]] = {}
-        for n in self.param_names:
-            key = n.rpartition(".")[0] if by == "module" else n
-            groups.setdefault(key, []).append(n)
+        if by == "lora":
+            groups = self._adapter_groups()
+        else:
+            for n in self.param_names:
+                key = n.rpartition(".")[0] if by == "module" else n
+                groups.setdefault(key, []).append(n)
         return {
             key: HessianOperator._on(
                 self._frozen.select(names),
@@ -615,6 +640,24 @@ class HessianOperator:
             )
             for key, names in groups.items()
         }
+
+    def _adapter_groups(self) -> dict[str, list[str]]:
+        """The selected parameters of each LoRA factor pair, by pair name."""
+        from sharpkit.balance.pairs import find_pairs
+
+        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        selected = set(self.param_names)
+        groups: dict[str, list[str]] = {}
+        for pair in find_pairs(self.model, trainable_only=False):
+            members = {names.get(id(t)) for t in pair} & selected
+            if members:
+                groups[pair.name] = [n for n in self.param_names if n in members]
+        if not groups:
+            raise ValueError(
+                "by: 'lora' found no LoRA factor (sharpkit's LoRALinear, PEFT's lora_A / "
+                "lora_B) among the selected parameters"
+            )
+        return groups
 
     def protocol(self) -> MeasurementProtocol:
         """How this operator was built: examples, batches, mode, dtype, device, matvecs."""

@@ -55,9 +55,11 @@ __all__ = [
     "check_state_dict",
     "load_checkpoint",
     "load_state_dict",
+    "load_state_into",
     "nonfinite_entries",
     "save_model",
     "save_state_dict",
+    "state_problems",
 ]
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
@@ -386,8 +388,26 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> lis
         ...                                    "bias": torch.zeros(1)})
         ['dtype mismatches: weight (checkpoint torch.int64, model torch.float32)']
     """
-    expected = model.state_dict()
-    ties = _ties(model)
+    return state_problems(model.state_dict(), state, _ties(model))
+
+
+def state_problems(
+    expected: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    ties: Mapping[str, list[str]] | None = None,
+) -> list[str]:
+    """Problems fitting ``state`` where ``expected`` (name -> tensor) is wanted.
+
+    What :func:`check_state_dict` checks, for any expected state (for example a
+    PEFT model's adapter state): missing and unexpected keys, shapes and dtype
+    families. ``ties`` maps a name to the other names holding the same tensor (a
+    tied name may be absent when another is present).
+
+    Example:
+        >>> state_problems({"a": torch.zeros(2)}, {"a": torch.zeros(3), "b": torch.zeros(1)})
+        ['unexpected keys: b', 'shape mismatches: a (checkpoint (3,), model (2,))']
+    """
+    ties = ties or {}
     problems = []
     missing = [
         k for k in expected if k not in state and not any(t in state for t in ties.get(k, []))
@@ -444,15 +464,39 @@ def load_checkpoint(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     state = load_state_dict(path, map_location=map_location)
+    return load_state_into(model, state, path, allow_nonfinite=allow_nonfinite)
+
+
+def load_state_into(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    where: str | Path,
+    *,
+    allow_nonfinite: bool = False,
+) -> nn.Module:
+    """Load a state dict read from ``where`` into ``model``, strictly, after every check.
+
+    The checks and the loading of :func:`load_checkpoint`, for a state already read
+    (from several files, say); ``where`` names it in the messages.
+
+    Raises:
+        CheckpointError: ``kind`` ``"mismatched"`` or ``"nonfinite"``.
+
+    Example:
+        >>> load_state_into(nn.Linear(2, 1), {"weight": torch.zeros(1, 2)}, "w.safetensors")
+        Traceback (most recent call last):
+        ...
+        sharpkit.io.checkpoint.CheckpointError: w.safetensors: mismatched: does not fit the model: missing keys: bias
+    """
     problems = check_state_dict(model, state)
     if problems:
         raise CheckpointError(
-            "mismatched", f"{path}: mismatched: does not fit the model: " + "; ".join(problems)
+            "mismatched", f"{where}: mismatched: does not fit the model: " + "; ".join(problems)
         )
     bad = nonfinite_entries(state)
     if bad and not allow_nonfinite:
         raise CheckpointError(
-            "nonfinite", f"{path}: nonfinite: non-finite weights (NaN or inf) in: {_names(bad)}"
+            "nonfinite", f"{where}: nonfinite: non-finite weights (NaN or inf) in: {_names(bad)}"
         )
     for k, others in _ties(model).items():  # a tied name the file left out
         if k not in state:
@@ -461,6 +505,6 @@ def load_checkpoint(
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError, TypeError) as err:  # e.g. a copy torch cannot do
         raise CheckpointError(
-            "mismatched", f"{path}: mismatched: torch could not load it ({_reason(err)})"
+            "mismatched", f"{where}: mismatched: torch could not load it ({_reason(err)})"
         ) from None
     return model

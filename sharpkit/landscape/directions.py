@@ -53,6 +53,13 @@ def filter_normalized_direction(
     ``D_j = Z_j / ||Z_j|| * ||W_j||`` with ``Z`` standard Gaussian; 1-D parameters
     (biases, BatchNorm/LayerNorm weights) get ``D = 0``.
 
+    A LoRA factor that is exactly zero (a fresh adapter's ``lora_B``) gets
+    ``D = 0``, and moving ``A`` alone leaves ``B A = 0``: the loss along the
+    adapter is exactly flat. That case warns
+    (:class:`~sharpkit.balance.ZeroFactorWarning`, see
+    :mod:`sharpkit.balance.degenerate`): measure after training, take a random
+    direction instead, or plot the merged model (PEFT's ``merge_and_unload()``).
+
     Args:
         model: the network (only read).
         generator: CPU generator of the Gaussian draws (or give ``seed``).
@@ -64,6 +71,9 @@ def filter_normalized_direction(
         >>> torch.allclose(d["weight"].norm(dim=1), m.weight.detach().norm(dim=1)), d["bias"].abs().sum().item()
         (True, 0.0)
     """
+    from sharpkit.balance.degenerate import warn_zero_factors
+
+    warn_zero_factors(model, "filter-normalised direction", stacklevel=3)
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
     out: Direction = {}

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sharpkit._progress import progress_bar
+from sharpkit.balance.degenerate import warn_zero_factors
 from sharpkit.sharpness._objective import (
     MetricResult,
     Objective,
@@ -73,6 +74,8 @@ def _average_case(
         raise ValueError(f"noise: expected one of {NOISES}, got {noise!r}")
     gen, seed_used = make_generator(seed)
     c = obj.scale(adaptive)
+    if adaptive:  # c = |w| does not move a zero factor: a fresh adapter measures 0
+        warn_zero_factors(obj.frozen.model, name, stacklevel=4)
     with obj.metered() as cost:
         bases = [obj.loss(b) for b in obj.batches]
         base = obj.weighted_mean(bases)

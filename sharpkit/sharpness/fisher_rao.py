@@ -69,6 +69,10 @@ def _per_example_loss(loss_fn: Any, fisher: str, gen: torch.Generator) -> Callab
             return out.reshape(out.shape[0], -1).sum(dim=1)
 
         return emp_loss
+    # a loss that knows its per-example form (sharpkit.hf.HFLoss: a token mean per sequence)
+    per_example = getattr(loss_fn, "per_example", None)
+    if per_example is not None and getattr(loss_fn, "reduction", None) != "none":
+        return per_example
     return loss_fn
 
 
@@ -134,8 +138,10 @@ def fisher_rao_norm(
 
     Args:
         model: the network (never modified).
-        loss_fn: an nn loss module (its ``reduction='none'`` form is used) or a
-            ``loss_fn(model, batch)`` returning one loss per example.
+        loss_fn: an nn loss module (its ``reduction='none'`` form is used), a loss
+            with a ``per_example`` form (:class:`sharpkit.hf.HFLoss`: one token-mean
+            loss per sequence), or a ``loss_fn(model, batch)`` returning one loss
+            per example.
         data: one batch or an iterable of batches.
         fisher: ``"empirical"`` (data labels) or ``"model"`` (labels sampled from the
             softmax; needs ``nn.CrossEntropyLoss``).

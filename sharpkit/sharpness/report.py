@@ -476,7 +476,7 @@ def check_requirements(
         ...                    lambda model, batch: model(batch).mean())
         Traceback (most recent call last):
         ...
-        ValueError: loss_fn: fisher_rao needs per-example losses, which a loss_fn(model, batch) returning a mean cannot give; pass an nn loss module (e.g. nn.CrossEntropyLoss()) or leave fisher_rao out
+        ValueError: loss_fn: fisher_rao needs per-example losses, which a loss_fn(model, batch) returning a mean cannot give; pass an nn loss module (e.g. nn.CrossEntropyLoss()), a loss with a per_example form (sharpkit.hf's), or leave fisher_rao out
     """
     from sharpkit._batch import as_batch_loss
     from sharpkit.curvature.hessian import linearize_blocker
@@ -494,16 +494,17 @@ def check_requirements(
         if "hvp" in needs and hvp == "linearize" and (why := linearize_blocker(loss_fn)):
             raise ValueError(f"hvp: {name} with 'linearize': {why}")
         if "per_example" in needs:
-            if criterion is None:
+            if criterion is None and getattr(loss_fn, "per_example", None) is None:
                 raise ValueError(
                     f"loss_fn: {name} needs per-example losses, which a loss_fn(model, batch) "
                     "returning a mean cannot give; pass an nn loss module (e.g. "
-                    f"nn.CrossEntropyLoss()) or leave {name} out"
+                    "nn.CrossEntropyLoss()), a loss with a per_example form (sharpkit.hf's), "
+                    f"or leave {name} out"
                 )
             if options[name].get("fisher") == "model" and not isinstance(
                 criterion, nn.CrossEntropyLoss
             ):
                 raise ValueError(
                     f"options: {name}.fisher='model' samples labels from a softmax and needs "
-                    f"nn.CrossEntropyLoss, got {type(criterion).__name__}"
+                    f"nn.CrossEntropyLoss, got {type(criterion or loss_fn).__name__}"
                 )

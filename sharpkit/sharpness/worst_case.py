@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from sharpkit._progress import progress_bar
+from sharpkit.balance.degenerate import warn_zero_factors
 from sharpkit.sharpness._objective import (
     MetricResult,
     Objective,
@@ -208,6 +209,8 @@ def _worst_case(
     p = _check_p(p)
     gen, seed_used = make_generator(seed)
     c = obj.scale(adaptive)
+    if adaptive:  # c = |w| does not move a zero factor: a fresh adapter measures 0
+        warn_zero_factors(obj.frozen.model, name, stacklevel=4)
     increases, bases, norms, abs_norms = [], [], [], []
     with obj.metered() as cost:
         for b in progress_bar(obj.batches, name, progress):

@@ -61,7 +61,8 @@ def test_the_degeneracy_is_real_filter_normalised_landscape_is_flat() -> None:
                 params[n].copy_(w0[n])
         return out
 
-    d = filter_normalized_direction(net, seed=0)
+    with pytest.warns(ZeroFactorWarning, match="filter-normalised direction is degenerate"):
+        d = filter_normalized_direction(net, seed=0)
     assert d["0.lora_B"].abs().sum() == 0 and d["0.lora_A"].abs().sum() > 0
     flat = losses_along(d)
     assert len(set(flat)) == 1  # exactly flat
@@ -111,7 +112,8 @@ def test_the_degeneracy_is_real_adaptive_sharpness_is_zero() -> None:
     g = torch.Generator().manual_seed(3)
     data = (torch.randn(32, 3, generator=g, dtype=torch.float64),
             torch.randn(32, 2, generator=g, dtype=torch.float64))  # fmt: skip
-    fresh = average_case_sharpness(net, nn.MSELoss(), data, 0.5, adaptive=True, samples=4)
+    with pytest.warns(ZeroFactorWarning, match="average_case_adaptive is degenerate"):
+        fresh = average_case_sharpness(net, nn.MSELoss(), data, 0.5, adaptive=True, samples=4)
     assert fresh.value == 0.0  # c = |w| does not move B = 0; moving A leaves B A = 0
     plain = average_case_sharpness(net, nn.MSELoss(), data, 0.5, adaptive=False, samples=4)
     assert plain.value != 0.0
@@ -120,3 +122,61 @@ def test_the_degeneracy_is_real_adaptive_sharpness_is_zero() -> None:
         net[2].lora_B.normal_(generator=g)
     trained = average_case_sharpness(net, nn.MSELoss(), data, 0.5, adaptive=True, samples=4)
     assert trained.value != 0.0
+
+
+def _peft_gpt2(trained: bool) -> nn.Module:
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8, bos_token_id=0, eos_token_id=0
+    )
+    pm = peft.get_peft_model(
+        transformers.GPT2LMHeadModel(cfg),
+        peft.LoraConfig(r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    )
+    if trained:
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.1, generator=torch.Generator().manual_seed(1))
+    return pm.double()
+
+
+def _zero_factor_warnings(fn) -> tuple[object, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(w.message) for w in caught if issubclass(w.category, ZeroFactorWarning)]
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["fresh", "trained"])
+def test_consumers_warn_once_on_a_fresh_peft_adapter_and_not_on_a_trained_one(trained) -> None:
+    """filter_normalized_direction and the adaptive metrics of measure_sharpness call
+    warn_zero_factors: one warning each for a fresh adapter (whose adaptive sharpness
+    is then exactly 0), none once B != 0."""
+    from sharpkit.hf import hf_loss
+    from sharpkit.sharpness import measure_sharpness
+
+    model = _peft_gpt2(trained)
+    ids = torch.randint(0, 16, (4, 6), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "labels": ids}
+
+    d, msgs = _zero_factor_warnings(lambda: filter_normalized_direction(model, seed=0))
+    assert set(d) == {n for n, p in model.named_parameters() if p.requires_grad}
+    metrics = ["worst_case_adaptive", "average_case_adaptive", "worst_case"]
+    options = {"worst_case_adaptive": {"steps": 3}, "average_case_adaptive": {"samples": 3},
+               "worst_case": {"steps": 3}}  # fmt: skip
+    rep, metric_msgs = _zero_factor_warnings(
+        lambda: measure_sharpness(model, hf_loss, [batch], metrics, options=options)
+    )
+    values = {m: rep.metrics[m].value for m in metrics}
+    if trained:
+        assert msgs == [] and metric_msgs == []
+        assert values["worst_case_adaptive"] > 0 and values["average_case_adaptive"] != 0
+    else:
+        assert len(msgs) == 1 and msgs[0].startswith("filter-normalised direction is degenerate")
+        assert [m.split(" is degenerate")[0] for m in metric_msgs] == metrics[:2]
+        assert all("lora_B.default.weight" in m and "merge_and_unload" in m for m in metric_msgs)
+        assert values["worst_case_adaptive"] == 0.0 and values["average_case_adaptive"] == 0.0
+    assert values["worst_case"] > 0  # the plain metric sees the adapter either way

@@ -129,6 +129,78 @@ def test_parameter_subsets_and_blocks() -> None:
     assert list(full.blocks(by="parameter")) == names
 
 
+def _lora_blocks_match_dense(model: nn.Module, loss_fn, data, keys: list[str]) -> None:
+    """blocks(by='lora'): one block per adapter (A and B together), each the diagonal
+    block of the dense float64 Hessian over all trainable parameters."""
+    H = dense_hessian(model, loss_fn, data)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    offsets = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    at = {n: torch.arange(offsets[i], offsets[i + 1]) for i, n in enumerate(names)}
+    op = HessianOperator(model, loss_fn, data, dtype=F64)
+    blocks = op.blocks(by="lora")
+    assert list(blocks) == keys
+    for key, block in blocks.items():
+        module = key.rpartition(".")[0] if "lora_A.default" in block.param_names[0] else key
+        # the A and the B factor of one layer
+        assert [n.removeprefix(module + ".").split(".")[0] for n in block.param_names] == [
+            "lora_A",
+            "lora_B",
+        ]
+        idx = torch.cat([at[n] for n in block.param_names])
+        E = torch.eye(block.dim, dtype=F64)
+        torch.testing.assert_close(block @ E, H[idx][:, idx], atol=MATVEC_ATOL, rtol=0)
+        assert H[idx][:, idx].abs().max() > 0  # B != 0: a block that is not trivially 0
+
+
+def test_blocks_by_lora_adapter_sharpkit_lora() -> None:
+    from sharpkit.balance import add_lora
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2), nn.Tanh(), nn.Linear(2, 2))
+    add_lora(net, ["0", "2"], rank=2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(generator=torch.Generator().manual_seed(2))
+    net[4].weight.requires_grad_(True)  # a trainable parameter outside every adapter
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(6, 3, generator=g), torch.randint(0, 2, (6,), generator=g))] * 2
+    _lora_blocks_match_dense(net.double(), nn.CrossEntropyLoss(), data, ["0", "2"])
+
+
+def test_blocks_by_lora_adapter_peft() -> None:
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from sharpkit.hf import hf_loss
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    lora = peft.LoraConfig(r=1, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    model = peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), lora)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, 16, (3, 6), generator=torch.Generator().manual_seed(5))
+    batch = {"input_ids": ids, "labels": ids}
+    prefix = "base_model.model.transformer.h.0."
+    keys = [prefix + "attn.c_attn.default", prefix + "mlp.c_fc.default"]
+    _lora_blocks_match_dense(model.double(), hf_loss, batch, keys)
+
+
+def test_blocks_by_lora_without_adapters_is_refused() -> None:
+    case, _ = _case("mlp_tanh")
+    op = HessianOperator(case.model, case.loss_fn, case.data)
+    with pytest.raises(ValueError, match="by: 'lora' found no LoRA factor"):
+        op.blocks(by="lora")
+    with pytest.raises(ValueError, match="by: expected one of"):
+        op.blocks(by="layer")
+
+
 def test_flatten_unflatten_roundtrip() -> None:
     case, _ = _case("cnn")
     op = HessianOperator(case.model, case.loss_fn, case.data)
