@@ -71,12 +71,11 @@ def _average_case(
     _check_positive("samples", samples, integer=True)
     if noise not in NOISES:
         raise ValueError(f"noise: expected one of {NOISES}, got {noise!r}")
-    gen, seed_used = make_generator(seed)
+    gen, seed_used = make_generator(obj.shared_seed(seed))
     c = obj.scale(adaptive)
-    n = obj.num_examples
     with obj.metered() as cost:
         bases = [obj.loss(b) for b in obj.batches]
-        base = sum(lb * nb for lb, nb in zip(bases, obj.sizes)) / n
+        base = sum(lb * nb for lb, nb in zip(bases, obj.sizes))
         # one noise draw is shared by all batches: the sample is the full-data increase
         per_sample = []
         for _ in progress_bar(range(samples), name, progress):
@@ -84,8 +83,13 @@ def _average_case(
             inc = sum(
                 (obj.loss(b, d) - lb) * nb for b, lb, nb in zip(obj.batches, bases, obj.sizes)
             )
-            per_sample.append(inc / n)
-    t = torch.tensor(per_sample, dtype=torch.float64)
+            per_sample.append(inc)
+        # sums over the ranks' shards (every rank drew the same noise)
+        base, n, sums = obj.reduce(
+            base, obj.num_examples, torch.tensor(per_sample, dtype=torch.float64)
+        )
+        base = base / n
+    t = sums.double() / n
     stderr = float(t.std(unbiased=True) / samples**0.5) if samples > 1 else None
     obj.set_offset(None)
     return MetricResult(
@@ -113,6 +117,7 @@ def average_case_sharpness(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    process_group: Any = None,
 ) -> MetricResult:
     """Average-case sharpness ``E_d L(w + d) - L(w)`` by Monte Carlo.
 
@@ -132,6 +137,9 @@ def average_case_sharpness(
         seed: seed or generator of the noise.
         params, mode, dtype, device: as in :func:`~sharpkit.sharpness.worst_case_sharpness`.
         progress: tqdm bar over draws.
+        process_group: ``data`` is this rank's shard of the group's data (see
+            :class:`~sharpkit.sharpness._objective.Objective`): every rank draws the
+            same noise and returns the value over all the shards.
 
     Returns:
         A :class:`MetricResult`; cost ``(samples + 1) * batches`` forward evaluations.
@@ -144,7 +152,10 @@ def average_case_sharpness(
         >>> r.cost.forward
         9
     """
-    obj = Objective(model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device)
+    obj = Objective(
+        model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device,
+        process_group=process_group,
+    )  # fmt: skip
     return _average_case(
         obj, rho, noise=noise, adaptive=adaptive, samples=samples, seed=seed, progress=progress,
         name="average_case" + ("_adaptive" if adaptive else ""),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -183,3 +185,63 @@ def _deltasam_reference_step(net, loss_fn, xb, yb, world_size) -> float:
         for n, p in net.named_parameters():
             p -= 0.1 * direction[n]
     return loss
+
+
+SHARPNESS_METRICS = (
+    "lambda_max",
+    "trace",
+    "worst_case",
+    "worst_case_adaptive_inf",
+    "average_case_adaptive",
+    "pac_bayes",
+    "fisher_rao",
+    "epsilon_sharpness",
+)
+SHARPNESS_OPTIONS = {
+    "lambda_max": {"tol": 1e-10},
+    "trace": {"num_samples": 12},
+    "worst_case": {"steps": 6, "restarts": 2, "m": 5},  # random restarts, batches re-split
+    "worst_case_adaptive_inf": {"steps": 5},
+    "average_case_adaptive": {"samples": 6},
+    "pac_bayes": {"samples": 2, "rtol": 0.2, "target": "loss", "max_drop": 0.05},
+    "fisher_rao": {"fisher": "model"},  # labels sampled per batch
+    "epsilon_sharpness": {"steps": 5, "restarts": 2},
+}
+
+
+def shard_batches(rank: int, world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank ``rank``'s batches: its uneven shard of the 53 examples, in batches of 8."""
+    x, y = data()
+    return batches(shard(x, rank, world_size), shard(y, rank, world_size))
+
+
+def sharpness(batch_list: list[Any], process_group: Any = None) -> dict[str, Any]:
+    """The report of :data:`SHARPNESS_METRICS` on ``batch_list`` (float64), as tensors."""
+    from sharpkit.sharpness import fisher_rao_norm, measure_sharpness
+
+    rep = measure_sharpness(
+        mlp(),
+        nn.CrossEntropyLoss(),
+        batch_list,
+        SHARPNESS_METRICS,
+        options=SHARPNESS_OPTIONS,
+        seed=3,
+        process_group=process_group,
+    )
+    assert not rep.failures, rep.failures
+    out: dict[str, Any] = {
+        "base": torch.tensor([rep.base["loss"], rep.base["accuracy"]], dtype=torch.float64),
+        "examples": torch.tensor(rep.protocol.examples),
+        "batches": torch.tensor(rep.protocol.batches),
+    }
+    for name, r in rep.metrics.items():
+        out[name] = torch.tensor(
+            [r.value, math.nan if r.stderr is None else r.stderr], dtype=torch.float64
+        )
+        out[name + ".cost"] = torch.tensor(list(dataclasses.astuple(r.cost)))
+    per_batch = rep.metrics["worst_case"].details["per_batch"]
+    out["worst_case.per_batch"] = torch.tensor(per_batch, dtype=torch.float64)
+    # one metric through its own function: the empirical Fisher-Rao norm
+    fr = fisher_rao_norm(mlp(), nn.CrossEntropyLoss(), batch_list, process_group=process_group)
+    out["fisher_rao_empirical"] = torch.tensor([fr.value, fr.stderr], dtype=torch.float64)
+    return out

@@ -63,11 +63,15 @@ def train_batch_driven(rank: int, world_size: int) -> dict:
     }
 
 
+def sharpness(rank: int, world_size: int) -> dict:
+    return _cases.sharpness(_cases.shard_batches(rank, world_size), dist.group.WORLD)
+
+
 def seeds(rank: int, world_size: int) -> dict:
     return {**curvature_noseed(rank, world_size), **shared_seed(rank, world_size)}
 
 
-CASES = {f.__name__: f for f in (curvature, seeds, train, train_batch_driven)}
+CASES = {f.__name__: f for f in (curvature, seeds, sharpness, train, train_batch_driven)}
 
 
 def main() -> None:

@@ -129,3 +129,25 @@ def test_one_process_helpers():
         ShardedOperator(A, examples=0)
     op = ShardedOperator(A, examples=4)
     assert op.protocol().extra["world_size"] == 1 and op.protocol().examples == 4
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_sharpness_report_equals_one_process(tmp_path, world_size):
+    """measure_sharpness(process_group=...) on uneven shards == one process on the union of
+    the shards' batches: values, errors, per-batch maxima, costs, on every rank."""
+    union = [b for r in range(world_size) for b in _cases.shard_batches(r, world_size)]
+    ref = _cases.sharpness(union)
+    ranks = launch("sharpness", world_size, tmp_path)
+    assert int(ref["examples"]) == _cases.N_EXAMPLES
+    for r in ranks:
+        assert r.keys() == ref.keys()
+        for key, value in ref.items():
+            if key.endswith(".cost") or value.dtype == torch.int64:
+                assert torch.equal(r[key], value), key
+            else:
+                torch.testing.assert_close(
+                    r[key], value, rtol=1e-10, atol=1e-12, equal_nan=True, msg=key
+                )
+    for r in ranks[1:]:  # one answer, not world_size of them: bit for bit
+        for key, value in ranks[0].items():
+            torch.testing.assert_close(r[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
