@@ -45,6 +45,7 @@ __all__ = [
     "ShardedOperator",
     "all_reduce_sum",
     "barrier",
+    "broadcast_from_first",
     "is_main_process",
     "require_process_group",
     "shared_seed",
@@ -119,6 +120,34 @@ def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     buf = t.detach().to(comm, copy=True)
     dist.all_reduce(buf, group=group)
     return buf.to(t.device)
+
+
+def broadcast_from_first(tensors: list[torch.Tensor], group: Any = None) -> None:
+    """Copy rank 0's ``tensors`` (of ``group``) into every rank's, in place; nothing
+    without a process group.
+
+    One broadcast per dtype and device (the tensors flattened together), moved to
+    the device the backend needs. The ranks must pass tensors of the same shapes in
+    the same order (their models' buffers, say).
+
+    Example:
+        >>> t = torch.ones(2)
+        >>> broadcast_from_first([t]); t.tolist()
+        [1.0, 1.0]
+    """
+    if not _initialised() or not tensors:
+        return
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.dtype, t.device), []).append(t)
+    for (_, device), ts in by_kind.items():
+        comm = _collective_device(group, device)
+        flat = torch.cat([t.detach().reshape(-1) for t in ts]).to(comm)
+        dist.broadcast(flat, src=src, group=group)
+        with torch.no_grad():
+            for t, chunk in zip(ts, torch.split(flat, [t.numel() for t in ts])):
+                t.copy_(chunk.view_as(t))
 
 
 def shared_seed(seed: int | None = None, group: Any = None) -> int:

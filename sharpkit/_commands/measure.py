@@ -508,19 +508,13 @@ def _rank_share(data: list[Any], args: Any) -> list[Any]:
 def _same_weights_on_every_rank(models: list[Any], args: Any) -> None:
     """Rank 0's weights and buffers on every rank (each rank loaded or trained its own
     copy; a broadcast rules out a rank measuring another model)."""
-    import torch
-    import torch.distributed as dist
+    from sharpkit.distributed import broadcast_from_first
 
     group = getattr(args, "process_group", None)
     if group is None:
         return
-    nccl = dist.get_backend(group) == "nccl"
-    with torch.no_grad():
-        for model in models:
-            for t in itertools.chain(model.parameters(), model.buffers()):
-                buf = t.detach().to(args.device_obj if nccl else "cpu", copy=True)
-                dist.broadcast(buf, src=0, group=group)
-                t.copy_(buf.to(t.device))
+    for model in models:
+        broadcast_from_first([*model.parameters(), *model.buffers()], group)
 
 
 def _distributed(

@@ -71,6 +71,7 @@ def robustness(rank: int, world_size: int) -> dict:
     out: dict = {
         "bn": _cases.train_bn(rank, world_size, ddp=True),
         "bn_no_model": _cases.train_bn(rank, world_size, ddp=True, model_arg=False),
+        "bn_msam": _cases.train_bn_msam(rank, world_size, ddp=True),
     }
     for kind in ("sam", "msam-vectorised"):
         out["nonfinite_" + kind] = _cases.nonfinite(kind, rank, world_size, ddp=True)

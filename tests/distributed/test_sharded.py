@@ -178,6 +178,21 @@ def test_batchnorm_under_ddp_equals_one_process(robustness_runs):
     assert not torch.allclose(loose["1.running_mean"], ref["1.running_mean"], rtol=1e-6)
 
 
+def test_batchnorm_under_data_parallel_msam_no_drift(robustness_runs):
+    """Data-parallel mSAM bypasses DDP's forward (and its buffer broadcast): the step
+    itself gives every rank rank 0's running statistics, so replicas never drift; the
+    weights are one process's mSAM with R x m micro-batches."""
+    world_size, runs = robustness_runs
+    ref = _cases.train_bn_msam(world_size=world_size)["state"]
+    for r in runs:
+        for key, value in ref.items():
+            got = r["bn_msam"]["state"][key]
+            torch.testing.assert_close(got, value, rtol=1e-10, atol=1e-12, msg=key)
+    for r in runs[1:]:
+        for key, value in runs[0]["bn_msam"]["state"].items():
+            assert torch.equal(r["bn_msam"]["state"][key], value), key
+
+
 @pytest.mark.parametrize("kind", ["sam", "msam-vectorised"])
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank(robustness_runs, kind):
     world_size, runs = robustness_runs
