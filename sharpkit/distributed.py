@@ -22,6 +22,14 @@ also checks (with a two-number ``all_reduce``) that every rank multiplied the
 same vector, so a run whose ranks drew different random vectors (no seed given)
 fails with a clear error instead of returning a mixture.
 
+**The sharpness metrics** take the same sharding through their
+``process_group`` argument (:func:`sharpkit.sharpness.measure_sharpness`): each
+rank passes its batches and every rank returns the single-process report.
+
+**Replicas.** :func:`broadcast_from_first` copies rank 0's tensors into every
+rank's (the data-parallel optimizers' BatchNorm buffers, the weights
+``sharpkit measure`` measures under ``torchrun``).
+
 **Writing results.** :func:`is_main_process` is true on rank 0 only (and
 without a process group): write reports and figures there, atomically.
 
