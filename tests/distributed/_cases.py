@@ -408,38 +408,43 @@ def resume(kind: str, rank: int, world_size: int) -> dict[str, Any]:
     return {"straight": straight, "resumed": resumed}
 
 
-def exception_mid_step(rank: int, world_size: int) -> dict[str, Any]:
-    """Under DDP: one SAM step, then a step whose closure raises on rank 1 at the
-    perturbed pass, while the other ranks wait in that pass's gradient all-reduce.
-    Rank 1 records its state and leaves (its process ends, as a failing rank's would);
-    the others' all-reduce then fails. Every rank's weights, momentum and flags must
-    be those after the first step."""
-    net = mlp()
-    model = nn.parallel.DistributedDataParallel(net)
-    opt = make_optimizer("sam", net)
-    _step("sam", model, opt, 0, rank, world_size)
+def exception_mid_step(kind: str, rank: int, world_size: int) -> dict[str, Any]:
+    """Under DDP: one step of ``kind`` (``"sam"`` or data-parallel ``"msam-vectorised"``),
+    then a step that raises on rank 1 (SAM: in the closure at the perturbed pass, while
+    the other ranks wait in that pass's gradient all-reduce; mSAM: in its local pass,
+    while the others wait in the step's all-reduce). Rank 1 records its state and
+    leaves (its process ends, as a failing rank's would); the others' collective then
+    fails. Every rank's weights, momentum and flags must be those after the first step."""
+    net, model, opt = _build(kind, ddp=True)
+    _step(kind, model, opt, 0, rank, world_size)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     momentum = [opt.state[p]["momentum_buffer"].clone() for p in net.parameters()]
     xb, yb = _global_batch(1)
     xs, ys = shard(xb, rank, world_size), shard(yb, rank, world_size)
     calls = {"n": 0}
+    fail_at = 2 if kind == "sam" else 1
+
+    def loss_of(m: nn.Module, batch: Any) -> torch.Tensor:
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == fail_at:
+            raise RuntimeError("injected failure inside the step")
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
 
     def closure() -> torch.Tensor:
-        calls["n"] += 1
-        if rank == 1 and calls["n"] == 2:
-            raise RuntimeError("injected failure at the perturbed pass")
-        loss = nn.functional.cross_entropy(model(xs), ys)
+        loss = loss_of(model, (xs, ys))
         loss.backward()
         return loss
 
     try:
-        opt.step(closure)
+        if kind == "sam":
+            opt.step(closure)
+        else:
+            opt.step(loss_fn=loss_of, batch=(xs, ys))
         error = ""
     except Exception as err:  # rank 1: the injected error; the others: the broken group
         error = f"{type(err).__name__}: {err}"
     return {
         "error": error,
-        "calls": torch.tensor(calls["n"]),
         "restored": torch.tensor(
             all(torch.equal(p, before[n]) for n, p in net.named_parameters())
             and all(
@@ -450,38 +455,3 @@ def exception_mid_step(rank: int, world_size: int) -> dict[str, Any]:
         "perturbed": torch.tensor(opt.perturbed),
         "_leave": True,
     }
-
-
-def train_bn_msam(rank: int = 0, world_size: int = 1, ddp: bool = False) -> dict[str, Any]:
-    """Data-parallel mSAM (sequential path) on a BatchNorm MLP; in one process the
-    reference: mSAM with ``world_size * LOCAL_MICRO_BATCHES`` micro-batches for the
-    weights, and the running statistics of rank 0's micro-batches (the DDP convention:
-    rank 0's buffers on every rank)."""
-    import copy
-
-    from sharpkit.optim import MSAM
-
-    net = bn_mlp()
-    model: nn.Module = nn.parallel.DistributedDataParallel(net) if ddp else net
-    micro = LOCAL_MICRO_BATCHES if ddp else world_size * LOCAL_MICRO_BATCHES
-    opt = MSAM(
-        net.parameters(), torch.optim.SGD, rho=0.05, micro_batches=micro, model=model,
-        path="sequential", lr=0.1, momentum=0.9,
-    )  # fmt: skip
-    loss_fn = nn.CrossEntropyLoss()
-    for s in range(STEPS):
-        xb, yb = _global_batch(s)
-        if ddp:
-            opt.step(
-                loss_fn=loss_fn, batch=(shard(xb, rank, world_size), shard(yb, rank, world_size))
-            )
-            continue
-        twin = copy.deepcopy(net)  # rank 0's clean micro-batch passes, in order, at w
-        with torch.no_grad():
-            for xm in torch.tensor_split(shard(xb, 0, world_size), LOCAL_MICRO_BATCHES):
-                twin(xm)
-        opt.step(loss_fn=loss_fn, batch=(xb, yb))
-        with torch.no_grad():
-            for b, t in zip(net.buffers(), twin.buffers()):
-                b.copy_(t)
-    return {"state": _snapshot(net)}

@@ -80,8 +80,12 @@ def robustness(rank: int, world_size: int) -> dict:
     return out
 
 
-def exception_mid_step(rank: int, world_size: int) -> dict:
-    return _cases.exception_mid_step(rank, world_size)
+def exception_sam(rank: int, world_size: int) -> dict:
+    return _cases.exception_mid_step("sam", rank, world_size)
+
+
+def exception_msam(rank: int, world_size: int) -> dict:
+    return _cases.exception_mid_step("msam-vectorised", rank, world_size)
 
 
 def seeds(rank: int, world_size: int) -> dict:
@@ -92,7 +96,8 @@ CASES = {
     f.__name__: f
     for f in (
         curvature,
-        exception_mid_step,
+        exception_sam,
+        exception_msam,
         robustness,
         seeds,
         sharpness,
