@@ -455,3 +455,38 @@ def exception_mid_step(kind: str, rank: int, world_size: int) -> dict[str, Any]:
         "perturbed": torch.tensor(opt.perturbed),
         "_leave": True,
     }
+
+
+def train_bn_msam(rank: int = 0, world_size: int = 1, ddp: bool = False) -> dict[str, Any]:
+    """Data-parallel mSAM (sequential path) on a BatchNorm MLP; in one process the
+    reference: mSAM with ``world_size * LOCAL_MICRO_BATCHES`` micro-batches for the
+    weights, and the running statistics of rank 0's micro-batches (the DDP convention:
+    rank 0's buffers on every rank)."""
+    import copy
+
+    from sharpkit.optim import MSAM
+
+    net = bn_mlp()
+    model: nn.Module = nn.parallel.DistributedDataParallel(net) if ddp else net
+    micro = LOCAL_MICRO_BATCHES if ddp else world_size * LOCAL_MICRO_BATCHES
+    opt = MSAM(
+        net.parameters(), torch.optim.SGD, rho=0.05, micro_batches=micro, model=model,
+        path="sequential", lr=0.1, momentum=0.9,
+    )  # fmt: skip
+    loss_fn = nn.CrossEntropyLoss()
+    for s in range(STEPS):
+        xb, yb = _global_batch(s)
+        if ddp:
+            opt.step(
+                loss_fn=loss_fn, batch=(shard(xb, rank, world_size), shard(yb, rank, world_size))
+            )
+            continue
+        twin = copy.deepcopy(net)  # rank 0's clean micro-batch passes, in order, at w
+        with torch.no_grad():
+            for xm in torch.tensor_split(shard(xb, 0, world_size), LOCAL_MICRO_BATCHES):
+                twin(xm)
+        opt.step(loss_fn=loss_fn, batch=(xb, yb))
+        with torch.no_grad():
+            for b, t in zip(net.buffers(), twin.buffers()):
+                b.copy_(t)
+    return {"state": _snapshot(net)}
