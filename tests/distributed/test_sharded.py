@@ -226,3 +226,20 @@ def test_an_exception_on_one_rank_restores_every_rank_and_does_not_hang(tmp_path
         assert r["error"] and "injected" not in r["error"]
     for r in ranks:
         assert bool(r["restored"]) and not bool(r["perturbed"])
+
+
+def test_a_process_group_without_init_is_refused_before_compute():
+    from sharpkit.sharpness import measure_sharpness, worst_case_sharpness
+
+    calls = {"n": 0}
+
+    def loss(model, batch):
+        calls["n"] += 1
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    data = _cases.shard_batches(0, 1)
+    with pytest.raises(ValueError, match="process_group"):
+        measure_sharpness(_cases.mlp(), loss, data, ["lambda_max"], process_group=object())
+    with pytest.raises(ValueError, match="process_group"):
+        worst_case_sharpness(_cases.mlp(), loss, data, 0.05, process_group=object())
+    assert calls["n"] == 0
