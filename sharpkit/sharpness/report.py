@@ -314,9 +314,9 @@ def measure_sharpness(
             batch, more memory; refused with ``nn.MSELoss``, which crashes torch 2.13).
         progress: tqdm bars on long loops.
         process_group: ``None`` (``data`` is all the data), or a
-            ``torch.distributed`` process group (``torch.distributed.group.WORLD``)
-            whose ranks each pass their shard of the batches (uneven shards
-            allowed). Every metric then reduces over the shards (the Hessian
+            ``torch.distributed`` process group (``torch.distributed.group.WORLD``,
+            which is ``None`` until ``init_process_group``) whose ranks each pass
+            their shard of the batches (uneven shards allowed). Every metric then reduces over the shards (the Hessian
             through :class:`~sharpkit.distributed.ShardedOperator`, the others
             through :class:`~sharpkit.sharpness._objective.Objective`), every rank
             draws the same random numbers (``seed`` must be the same on all), and
