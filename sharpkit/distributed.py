@@ -22,6 +22,14 @@ also checks (with a two-number ``all_reduce``) that every rank multiplied the
 same vector, so a run whose ranks drew different random vectors (no seed given)
 fails with a clear error instead of returning a mixture.
 
+**The sharpness metrics** take the same sharding through their
+``process_group`` argument (:func:`sharpkit.sharpness.measure_sharpness`): each
+rank passes its batches and every rank returns the single-process report.
+
+**Replicas.** :func:`broadcast_from_first` copies rank 0's tensors into every
+rank's (the data-parallel optimizers' BatchNorm buffers, the weights
+``sharpkit measure`` measures under ``torchrun``).
+
 **Writing results.** :func:`is_main_process` is true on rank 0 only (and
 without a process group): write reports and figures there, atomically.
 
@@ -45,6 +53,7 @@ __all__ = [
     "ShardedOperator",
     "all_reduce_sum",
     "barrier",
+    "broadcast_from_first",
     "is_main_process",
     "require_process_group",
     "shared_seed",
@@ -121,6 +130,34 @@ def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     return buf.to(t.device)
 
 
+def broadcast_from_first(tensors: list[torch.Tensor], group: Any = None) -> None:
+    """Copy rank 0's ``tensors`` (of ``group``) into every rank's, in place; nothing
+    without a process group.
+
+    One broadcast per dtype and device (the tensors flattened together), moved to
+    the device the backend needs. The ranks must pass tensors of the same shapes in
+    the same order (their models' buffers, say).
+
+    Example:
+        >>> t = torch.ones(2)
+        >>> broadcast_from_first([t]); t.tolist()
+        [1.0, 1.0]
+    """
+    if not _initialised() or not tensors:
+        return
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.dtype, t.device), []).append(t)
+    for (_, device), ts in by_kind.items():
+        comm = _collective_device(group, device)
+        flat = torch.cat([t.detach().reshape(-1) for t in ts]).to(comm)
+        dist.broadcast(flat, src=src, group=group)
+        with torch.no_grad():
+            for t, chunk in zip(ts, torch.split(flat, [t.numel() for t in ts])):
+                t.copy_(chunk.view_as(t))
+
+
 def shared_seed(seed: int | None = None, group: Any = None) -> int:
     """One integer seed for every rank: ``seed`` if given (checked equal on all ranks),
     else rank 0's fresh draw broadcast to the others.
@@ -158,6 +195,8 @@ def shared_seed(seed: int | None = None, group: Any = None) -> int:
 class _Shard:
     examples: int
     total: int
+    weight: float  # this shard's weight in the mean (examples, or target tokens)
+    total_weight: float
     rank: int
     world_size: int
 
@@ -171,7 +210,10 @@ class ShardedOperator:
             :class:`~sharpkit.curvature.HessianOperator` or a dense symmetric tensor).
         examples: ``n_r``, the examples of this rank's shard; ``None`` reads
             ``local.num_examples`` (a HessianOperator has it). Ranks with uneven
-            shards are weighted correctly.
+            shards are weighted correctly. Without ``examples``, a local operator
+            with a ``total_weight`` (a HessianOperator's weight in its loss's own
+            normalisation: target tokens for a token-mean loss) is weighted by it,
+            so the product is that of the loss of all the data.
         group: the process group (``None``: the default group).
         check_inputs: verify on every product, with an all-reduce of two numbers,
             that all ranks multiply the same vector.
@@ -206,6 +248,7 @@ class ShardedOperator:
         from sharpkit.curvature._linop import as_operator
 
         self.local = as_operator(local)
+        weight = None if examples is not None else getattr(self.local, "total_weight", None)
         if examples is None:
             examples = getattr(self.local, "num_examples", None)
             if examples is None:
@@ -222,13 +265,14 @@ class ShardedOperator:
         self.dtype = self.local.dtype
         self.device = self.local.device
         self.num_matvecs = 0
+        weight = float(examples if weight is None else weight)
         rank, size = world(group)
-        total = examples
+        total, total_weight = examples, weight
         if size > 1:
             dev = self._comm_device()
-            counts = torch.tensor([examples], dtype=torch.int64, device=dev)
+            counts = torch.tensor([float(examples), weight], dtype=torch.float64, device=dev)
             dist.all_reduce(counts, group=group)
-            total = int(counts.item())
+            total, total_weight = int(counts[0].item()), float(counts[1].item())
             dims = torch.tensor([self.dim, -self.dim], dtype=torch.int64, device=dev)
             dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=group)
             if int(dims[0]) != self.dim or int(dims[1]) != -self.dim:
@@ -236,9 +280,16 @@ class ShardedOperator:
                     f"local: the ranks' operators differ in dimension (this rank {self.dim}, "
                     f"largest {int(dims[0])}); every rank must select the same parameters"
                 )
-        if total <= 0:
-            raise ValueError("examples: the shards hold no examples in all")
-        self._shard = _Shard(examples=examples, total=total, rank=rank, world_size=size)
+        if total <= 0 or not total_weight > 0:
+            raise ValueError("examples: the shards hold no examples (or no weight) in all")
+        self._shard = _Shard(
+            examples=examples,
+            total=total,
+            weight=weight,
+            total_weight=total_weight,
+            rank=rank,
+            world_size=size,
+        )
         self.num_examples = total
 
     def _comm_device(self) -> torch.device:
@@ -271,16 +322,17 @@ class ShardedOperator:
             )
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``sum_r (n_r / N) H_r v``: the local product, weighted, all-reduced."""
+        """``sum_r (n_r / N) H_r v``: the local product, weighted, all-reduced (``n_r``
+        the shard's weight: examples, or target tokens for a token-mean loss)."""
         if self.world_size == 1:
             out = self.local.matvec(v)
             self.num_matvecs += 1
             return out
         if self.check_inputs:
             self._check_same_vector(v)
-        if self._shard.examples > 0:
+        if self._shard.weight > 0:
             h = self.local.matvec(v)
-            h = h * (self._shard.examples / self._shard.total)
+            h = h * (self._shard.weight / self._shard.total_weight)
         else:  # an empty shard contributes nothing (but joins the collective)
             h = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         comm = self._comm_device()
@@ -300,6 +352,7 @@ class ShardedOperator:
             {
                 "world_size": self.world_size,
                 "shard_examples": self._shard.examples,
+                **({"tokens": self._shard.total_weight} if "tokens" in extra else {}),
                 "backend": dist.get_backend(self.group) if _initialised() else None,
             }
         )

@@ -55,6 +55,17 @@ The demo runs with one CPU thread (``--threads`` changes it): its 2410-parameter
 model gains nothing from intra-op threads, and on a busy machine the threads'
 synchronisation made it up to ten times slower.
 
+Under ``torchrun --nproc-per-node N -m sharpkit measure ...`` (any launcher that
+sets ``WORLD_SIZE`` > 1, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``)
+every rank initialises the process group (gloo on the CPU; NCCL with ``--device
+cuda``, each rank on its ``LOCAL_RANK`` device), takes a contiguous share of the
+batches and measures with ``process_group`` (see
+:func:`sharpkit.sharpness.measure_sharpness`): the report is that of one process,
+with the world size recorded. Rank 0 alone prints, draws the figures (over all
+the data) and writes ``--out``; the other ranks write nothing. A rank that fails
+exits, and the others fail at their next collective instead of waiting (at most
+``--dist-timeout`` seconds).
+
 Exit codes: 0 measured; 1 the measurement failed (a metric that failed is recorded
 in the report, the others are kept); 2 bad input (a one-line reason on stderr,
 before any compute): unknown metric or option, an option out of range, a metric
@@ -189,6 +200,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Hessian-vector products: auto (cached double backward), or linearize (a "
         "torch.func trace per batch: faster products on CNNs and transformers, more "
         "memory; not with --loss mse, which crashes torch 2.13's tracer)",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        help="under torchrun: seconds a rank waits in a collective for the others before "
+        "it fails (default 600)",
     )
     p.add_argument("--out", type=Path, default=Path("sharpkit-out/measure"), help="output folder")
     p.add_argument(
@@ -516,6 +534,125 @@ def _steps(paths: list[str]) -> tuple[list[int], str]:
     return list(range(len(paths))), "order given"
 
 
+# -- several processes (torchrun) -------------------------------------------------------
+def _init_distributed(args: Any) -> Any:
+    """The process group ``torchrun``'s environment describes (``WORLD_SIZE`` > 1), or
+    ``None`` in one process. NCCL for a CUDA ``--device`` (this rank's ``LOCAL_RANK``
+    device then replaces it), gloo otherwise; collectives wait ``--dist-timeout`` s."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise BadInput("WORLD_SIZE / LOCAL_RANK: not integers (start with torchrun)") from None
+    if world_size <= 1:
+        return None
+    if not args.dist_timeout > 0:
+        raise BadInput(f"--dist-timeout: expected a positive number, got {args.dist_timeout}")
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise BadInput(
+            f"WORLD_SIZE={world_size} but {', '.join(missing)} unset; start with torchrun"
+        )
+    backend = "gloo"
+    if args.device_obj.type == "cuda":
+        if args.device_obj.index is not None:
+            raise BadInput(
+                f"--device: under torchrun give 'cuda' (each rank takes its LOCAL_RANK "
+                f"device), not {args.device!r}"
+            )
+        if local_rank >= torch.cuda.device_count():
+            raise BadInput(
+                f"--device: LOCAL_RANK {local_rank} but {torch.cuda.device_count()} CUDA "
+                "device(s) here"
+            )
+        args.device_obj = torch.device("cuda", local_rank)
+        torch.cuda.set_device(args.device_obj)
+        backend = "nccl"
+    timeout = datetime.timedelta(seconds=args.dist_timeout)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timeout)
+    return dist.group.WORLD
+
+
+def _writes(args: Any) -> bool:
+    """Whether this process prints and writes the results: rank 0, or the only one."""
+    from sharpkit.distributed import is_main_process
+
+    group = getattr(args, "process_group", None)
+    return group is None or is_main_process(group)
+
+
+def _distributed_record(args: Any) -> dict[str, Any]:
+    """The world the report was measured in (size 1 in one process)."""
+    from sharpkit.distributed import world
+
+    group = getattr(args, "process_group", None)
+    if group is None:
+        return {"world_size": 1, "backend": None}
+    import torch.distributed as dist
+
+    return {"world_size": world(group)[1], "backend": dist.get_backend(group)}
+
+
+def _rank_share(data: list[Any], args: Any) -> list[Any]:
+    """This rank's contiguous share of the batches (all of them in one process): the
+    ranks' shares are the batches of one process, so the per-batch metrics see the
+    same batches."""
+    from sharpkit.distributed import world
+
+    group = getattr(args, "process_group", None)
+    if group is None:
+        return data
+    rank, size = world(group)
+    if len(data) < size:
+        raise BadInput(
+            f"--data: {len(data)} batch(es) cannot be shared by {size} ranks; lower "
+            "--batch-size or start fewer processes"
+        )
+    base, extra = divmod(len(data), size)
+    start = rank * base + min(rank, extra)
+    return data[start : start + base + (rank < extra)]
+
+
+def _same_weights_on_every_rank(models: list[Any], args: Any) -> None:
+    """Rank 0's weights and buffers on every rank (each rank loaded or trained its own
+    copy; a broadcast rules out a rank measuring another model)."""
+    from sharpkit.distributed import broadcast_from_first
+
+    group = getattr(args, "process_group", None)
+    if group is None:
+        return
+    for model in models:
+        broadcast_from_first([*model.parameters(), *model.buffers()], group)
+
+
+def _distributed(
+    args: Any, loss: Any, accuracy: Any, data: Any, models: list[Any], out: Path
+) -> int:
+    """One rank's run under torchrun: rank 0 as in one process (staged into ``out``);
+    the others measure their share, print nothing and write nothing. The process group
+    is destroyed at the end, also after a failure."""
+    import contextlib
+    import io
+
+    import torch.distributed as dist
+
+    try:
+        if _writes(args):
+            return _staged(args, loss, accuracy, data, models, out, False)
+        with tempfile.TemporaryDirectory() as stage, contextlib.redirect_stdout(io.StringIO()):
+            code, _ = _measure(args, loss, accuracy, data, models, Path(stage), out, False)
+        return code
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # -- figures -----------------------------------------------------------------------------
 def _figures(
     report: Any, model: Any, loss: Any, data: Any, out: Path, args: Any, trajectory: Any
@@ -762,6 +899,7 @@ def run(args: argparse.Namespace) -> int:
             args.config = _config(args)
             args.config_key = _config_key(args.config)
             _check_not_another_config(args.out, args.config_key, args.overwrite)
+            args.process_group = _init_distributed(args)
         except BadInput as err:
             print(f"sharpkit measure: error: {err}", file=sys.stderr)
             return 2
@@ -772,6 +910,8 @@ def run(args: argparse.Namespace) -> int:
         threads_before = torch.get_num_threads()
         torch.set_num_threads(_default_threads(args.threads, args.demo, threads_before))
         try:
+            if args.process_group is not None:
+                return _distributed(args, loss, accuracy, data, models, out)
             return _staged(args, loss, accuracy, data, models, out, progress)
         finally:
             torch.set_num_threads(threads_before)
@@ -839,15 +979,18 @@ def _measure(
                 f"test accuracy {run_.test_accuracy:.3f}; saving {ckpt}"
             )
             args.checkpoints = [str(ckpt)]
+        _same_weights_on_every_rank(models, args)
+        share = _rank_share(data, args)
         reports = []
         for i, model in enumerate(models):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
                     rep = measure_sharpness(
-                        model, loss, data, args.metric_names, options=args.options,
+                        model, loss, share, args.metric_names, options=args.options,
                         accuracy_fn=accuracy, seed=args.seed, device=args.device_obj,
                         dtype=args.dtype_obj, hvp=args.hvp, progress=progress,
+                        process_group=getattr(args, "process_group", None),
                     )  # fmt: skip
                 except (ValueError, TypeError) as err:  # refused before any metric ran
                     raise BadInput(_cli_names(str(err), args)) from None
@@ -860,6 +1003,9 @@ def _measure(
             if len(models) > 1:
                 print(f"[{i + 1}/{len(models)}] {args.checkpoints[i]}: loss {rep.base['loss']:.4g}")
         keyed = {"config": args.config, "config_key": args.config_key}
+        keyed["distributed"] = _distributed_record(args)
+        if not _writes(args):  # another rank's: the report is rank 0's to write
+            return 0, False
         if len(models) == 1:
             rep = reports[0]
             _print(rep, f"sharpness of {args.checkpoints[0]}", label)

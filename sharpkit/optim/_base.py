@@ -1029,10 +1029,12 @@ class BatchDrivenSAM(SAMBase):
 
     so every rank takes the same base step. The returned loss is the global
     weighted mean. A non-finite value on any rank skips the step on
-    every rank. For mSAM this is the paper's parallel form: each rank's
-    micro-batches are micro-batches of the global batch, so ``R`` ranks with
-    ``m`` micro-batches each equal one process with ``R * m`` micro-batches on
-    the concatenated batch, with one all-reduce per step where SAM under DDP
+    every rank. The model's buffers (BatchNorm running statistics, updated by
+    each rank's own clean passes) are then rank 0's on every rank, as DDP's
+    forward would make them: replicas never drift apart. For mSAM this is the
+    paper's parallel form: each rank's micro-batches are micro-batches of the
+    global batch, so ``R`` ranks with ``m`` micro-batches each equal one process
+    with ``R * m`` micro-batches on the concatenated batch, with one all-reduce per step where SAM under DDP
     needs two.
     """
 
@@ -1102,6 +1104,10 @@ class BatchDrivenSAM(SAMBase):
                     params[i].grad = chunk.view_as(params[i]).div_(total)
                 else:
                     params[i].grad = None
+        if self.model is not None:  # the wrapper's forward, bypassed, would have done it
+            from sharpkit.distributed import broadcast_from_first
+
+            broadcast_from_first(list(self.model.buffers()), self.process_group)
         return self._step_loss
 
     def _why_no_closure(self) -> str:

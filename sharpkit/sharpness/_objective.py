@@ -5,6 +5,15 @@ The caller's model is never modified (not its weights, not its buffers, not its
 train/eval modes): every evaluation goes through the functional layer
 (:class:`sharpkit._functional.FrozenModel`: frozen copies in the requested dtype
 and device, ``torch.func.functional_call``, buffers cloned per call).
+
+**Sharded data.** Given a ``process_group``, each rank's objective holds its shard
+of the batches and the metrics reduce at three kinds of site, all through this
+class: :meth:`Objective.reduce` (example-weighted sums over the ranks: mean losses,
+accuracies, Monte-Carlo increases, full-data gradients), :meth:`Objective.gather`
+(per-batch values in global batch order: m-sharpness maxima) and
+:meth:`Objective.batch_generators` (the random stream of global batch ``i`` is the
+same whichever rank holds it). Every rank then computes the single-process answer
+over the union of the shards.
 """
 
 from __future__ import annotations
@@ -134,6 +143,12 @@ class Objective:
         random_state: the random state to replay (:class:`sharpkit._rng.RandomState`;
             ``None``: the global state at construction). Objectives that must see
             the same draws share one.
+        process_group: ``None`` (one process: ``data`` is all the data) or a
+            ``torch.distributed`` process group (``torch.distributed.group.WORLD``)
+            whose ranks each hold a shard of the batches (uneven shards allowed;
+            global batch order is rank 0's batches, then rank 1's, ...). Every
+            rank must build its objectives in the same order (construction
+            exchanges the shards' sizes).
 
     Attributes:
         names: the measured parameter names; ``w0`` their values (frozen copies).
@@ -141,11 +156,14 @@ class Objective:
         weights: each batch's weight in a mean over batches, in the loss's own
             normalisation (:func:`sharpkit._batch.batch_weight`: its example count,
             or its number of target tokens for a token-mean loss);
-            ``total_weight`` their sum and ``weighting`` what they count
+            ``total_weight`` their sum over all ranks and ``weighting`` what they count
             (``"examples"`` or ``"tokens"``). :meth:`weighted_mean` averages
             per-batch numbers with them.
         frozen: the :class:`~sharpkit._functional.FrozenModel` every evaluation uses.
-        cost: the running :class:`Cost`.
+        cost: the running :class:`Cost` (over all ranks, when sharded).
+        total_examples, total_batches: over all shards (the local counts without
+            a process group); ``batch_offset``: the global index of this rank's
+            first batch.
 
     Example:
         >>> model = nn.Linear(2, 1, bias=False)
@@ -168,7 +186,12 @@ class Objective:
         device: torch.device | str | None = None,
         m: int | None = None,
         random_state: RandomState | None = None,
+        process_group: Any = None,
     ) -> None:
+        if process_group is not None:
+            from sharpkit.distributed import require_process_group
+
+            require_process_group("process_group")
         check_model_mode_dtype(model, mode, dtype)
         if m is not None:
             _check_positive("m", m, integer=True)
@@ -198,14 +221,90 @@ class Objective:
         self.batches = batches
         self.sizes = [batch_size(b) for b in batches]
         self.weights = [batch_weight(self.loss_fn, b) for b in batches]
-        self.total_weight = sum(self.weights)
+        self.weighting = weighting(self.loss_fn, batches)
+        self.cost = Cost()
+        self.process_group = process_group
+        counts = self.gather([float(len(batches))])
+        rank = self.rank
+        self.batch_offset = int(sum(counts[:rank]))
+        self.total_batches = int(sum(counts))
+        examples, self.total_weight = self.reduce(float(sum(self.sizes)), float(sum(self.weights)))
+        self.total_examples = int(examples)
         if not self.total_weight > 0:
             raise ValueError(
                 f"data: the batches have no weight in the loss's mean (weights "
                 f"{self.weights}: no target tokens?)"
             )
-        self.weighting = weighting(self.loss_fn, batches)
-        self.cost = Cost()
+
+    # -- shards -----------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """This process's rank in :attr:`process_group` (0 without one)."""
+        from sharpkit.distributed import world
+
+        return world(self.process_group)[0] if self.process_group is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        """The ranks the data is sharded over (1 without a process group)."""
+        from sharpkit.distributed import world
+
+        return world(self.process_group)[1] if self.process_group is not None else 1
+
+    def reduce(self, *values: float | torch.Tensor) -> list[Any]:
+        """Sums over the ranks, in one all-reduce (float64): each float stays a float,
+        each tensor a tensor of its shape, dtype and device; the values themselves
+        without a process group."""
+        if self.process_group is None:
+            return list(values)
+        from sharpkit.distributed import all_reduce_sum
+
+        flat = torch.cat(
+            [torch.as_tensor(v, dtype=torch.float64).detach().reshape(-1).cpu() for v in values]
+        )
+        total = all_reduce_sum(flat, self.process_group)
+        out: list[Any] = []
+        at = 0
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                out.append(total[at : at + v.numel()].reshape(v.shape).to(v))
+                at += v.numel()
+            else:
+                out.append(float(total[at]))
+                at += 1
+        return out
+
+    def gather(self, values: Sequence[float]) -> list[float]:
+        """Every rank's ``values`` concatenated in rank order (per-batch numbers in
+        global batch order); ``values`` itself without a process group."""
+        if self.process_group is None:
+            return [float(v) for v in values]
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, [float(v) for v in values], group=self.process_group)
+        return [v for part in parts for v in part]
+
+    def shared_seed(self, seed: int | torch.Generator | None) -> int | torch.Generator | None:
+        """``seed`` checked equal on every rank (``None``: rank 0's draw), so that
+        every rank draws the same random numbers; ``seed`` itself without a group."""
+        if self.process_group is None or isinstance(seed, torch.Generator):
+            return seed
+        from sharpkit.distributed import shared_seed
+
+        return shared_seed(seed, self.process_group)
+
+    def batch_generators(self, gen: torch.Generator, seed: int) -> list[torch.Generator]:
+        """One generator per local batch: global batch 0 draws from ``gen`` itself,
+        global batch ``i > 0`` from a generator seeded ``seed + i``. A batch sees the
+        same random numbers whichever rank holds it and however many draws the
+        batches before it took (``gen, seed`` from ``make_generator``)."""
+        return [
+            gen
+            if self.batch_offset + i == 0
+            else torch.Generator().manual_seed(seed + self.batch_offset + i)
+            for i in range(len(self.batches))
+        ]
 
     @property
     def random_state(self) -> RandomState:
@@ -264,11 +363,17 @@ class Objective:
     @contextlib.contextmanager
     def metered(self) -> Iterator[Cost]:
         """Count the evaluations of the block in a fresh :class:`Cost` (yielded; it is
-        complete when the block ends), then add them to the running total."""
+        complete when the block ends, summed over the ranks when sharded), then add
+        them to the running total."""
         before, self.cost = self.cost, Cost()
         block = self.cost
         try:
             yield block
+            if self.process_group is not None:  # after a normal exit only: no collective
+                names = [f.name for f in dataclasses.fields(Cost)]  # in a failing block
+                totals = self.reduce(*[float(getattr(block, k)) for k in names])
+                for k, t in zip(names, totals):
+                    setattr(block, k, int(t))
         finally:
             self.cost = before + block
 
@@ -307,21 +412,38 @@ class Objective:
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
         return float(loss.detach()), grads
 
+    def weighted_sum(self, values: Sequence[float]) -> float:
+        """``sum_b w_b v_b`` over this rank's batches, one number per batch (``weights``);
+        :meth:`reduce` it and divide by ``total_weight`` for the mean over all data."""
+        return sum(v * w for v, w in zip(values, self.weights))
+
     def weighted_mean(self, values: Sequence[float]) -> float:
-        """``sum_b w_b v_b / sum_b w_b`` for one number per batch (``weights``)."""
-        return sum(v * w for v, w in zip(values, self.weights)) / self.total_weight
+        """``sum_b w_b v_b / sum_b w_b`` over the batches of every rank (one all-reduce
+        when sharded; every rank must call it)."""
+        return self.reduce(self.weighted_sum(values))[0] / self.total_weight
 
     def mean_loss(self, d: Sequence[torch.Tensor] | None = None) -> float:
-        """Weighted mean loss over all batches at ``w0 + d`` (the loss of all the data)."""
+        """Weighted mean loss over all batches (of all ranks) at ``w0 + d``: the loss
+        of all the data."""
         return self.weighted_mean([self.loss(b, d) for b in self.batches])
 
     def protocol(
         self, estimator: str, seed: int | None = None, **extra: Any
     ) -> MeasurementProtocol:
+        if self.process_group is not None:
+            import torch.distributed as dist
+
+            from sharpkit.distributed import _initialised
+
+            extra = {
+                "world_size": self.world_size,
+                "backend": dist.get_backend(self.process_group) if _initialised() else None,
+                **extra,
+            }
         return MeasurementProtocol(
             estimator=estimator,
-            examples=self.num_examples,
-            batches=len(self.batches),
+            examples=self.total_examples,
+            batches=self.total_batches,
             weighting=self.weighting,
             mode=self.mode,
             dtype=str(self.dtype),

@@ -72,21 +72,24 @@ def _average_case(
     _check_positive("samples", samples, integer=True)
     if noise not in NOISES:
         raise ValueError(f"noise: expected one of {NOISES}, got {noise!r}")
-    gen, seed_used = make_generator(seed)
+    gen, seed_used = make_generator(obj.shared_seed(seed))
     c = obj.scale(adaptive)
     if adaptive:  # c = |w| does not move a zero factor: a fresh adapter measures 0
         warn_zero_factors(obj.frozen.model, name, stacklevel=4)
     with obj.metered() as cost:
         bases = [obj.loss(b) for b in obj.batches]
-        base = obj.weighted_mean(bases)
+        base = obj.weighted_sum(bases)
         # one noise draw is shared by all batches: the sample is the full-data increase
         per_sample = []
         for _ in progress_bar(range(samples), name, progress):
             d = sample_noise(c, rho, noise, gen)
             per_sample.append(
-                obj.weighted_mean([obj.loss(b, d) - lb for b, lb in zip(obj.batches, bases)])
+                obj.weighted_sum([obj.loss(b, d) - lb for b, lb in zip(obj.batches, bases)])
             )
-    t = torch.tensor(per_sample, dtype=torch.float64)
+        # sums over the ranks' shards (every rank drew the same noise), one all-reduce
+        base, sums = obj.reduce(base, torch.tensor(per_sample, dtype=torch.float64))
+        base = base / obj.total_weight
+    t = sums.double() / obj.total_weight
     stderr = float(t.std(unbiased=True) / samples**0.5) if samples > 1 else None
     obj.set_offset(None)
     return MetricResult(
@@ -114,6 +117,7 @@ def average_case_sharpness(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    process_group: Any = None,
 ) -> MetricResult:
     """Average-case sharpness ``E_d L(w + d) - L(w)`` by Monte Carlo.
 
@@ -133,6 +137,9 @@ def average_case_sharpness(
         seed: seed or generator of the noise.
         params, mode, dtype, device: as in :func:`~sharpkit.sharpness.worst_case_sharpness`.
         progress: tqdm bar over draws.
+        process_group: ``data`` is this rank's shard of the group's data (see
+            :class:`~sharpkit.sharpness._objective.Objective`): every rank draws the
+            same noise and returns the value over all the shards.
 
     Returns:
         A :class:`MetricResult`; cost ``(samples + 1) * batches`` forward evaluations.
@@ -145,7 +152,10 @@ def average_case_sharpness(
         >>> r.cost.forward
         9
     """
-    obj = Objective(model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device)
+    obj = Objective(
+        model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device,
+        process_group=process_group,
+    )  # fmt: skip
     return _average_case(
         obj, rho, noise=noise, adaptive=adaptive, samples=samples, seed=seed, progress=progress,
         name="average_case" + ("_adaptive" if adaptive else ""),

@@ -41,7 +41,11 @@ __all__ = ["fisher_rao_norm"]
 FISHERS = ("empirical", "model")
 
 
-def _per_example_loss(loss_fn: Any, fisher: str, gen: torch.Generator) -> Callable[..., Any]:
+def _per_example_loss(
+    loss_fn: Any, fisher: str, gens: dict[str, torch.Generator]
+) -> Callable[..., Any]:
+    """The per-example loss; the model Fisher samples labels from ``gens["batch"]``
+    (the current batch's generator)."""
     criterion = getattr(loss_fn, "criterion", None)
     if fisher == "model":
         if not isinstance(criterion, nn.CrossEntropyLoss):
@@ -55,7 +59,8 @@ def _per_example_loss(loss_fn: Any, fisher: str, gen: torch.Generator) -> Callab
             logits = model(inputs)
             with torch.no_grad():
                 probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
-                y = torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(logits.device)
+                y = torch.multinomial(probs, 1, generator=gens["batch"])
+                y = y.squeeze(-1).to(logits.device)
             return nn.functional.cross_entropy(logits, y, reduction="none")
 
         return model_loss
@@ -79,8 +84,10 @@ def _per_example_loss(loss_fn: Any, fisher: str, gen: torch.Generator) -> Callab
 def _fisher_rao(obj: Objective, *, fisher: str, seed: int | torch.Generator | None) -> MetricResult:
     if fisher not in FISHERS:
         raise ValueError(f"fisher: expected one of {FISHERS}, got {fisher!r}")
-    gen, seed_used = make_generator(seed)
-    loss_fn = _per_example_loss(obj.loss_fn, fisher, gen)
+    gen, seed_used = make_generator(obj.shared_seed(seed))
+    batch_gens = obj.batch_generators(gen, seed_used)  # labels of a batch: the same on any rank
+    current: dict[str, torch.Generator] = {}
+    loss_fn = _per_example_loss(obj.loss_fn, fisher, current)
     obj.set_offset(None)
     primals = tuple(obj.w0)
 
@@ -92,7 +99,8 @@ def _fisher_rao(obj: Objective, *, fisher: str, seed: int | torch.Generator | No
 
     values = []
     with obj.metered() as cost:
-        for b, n in zip(obj.batches, obj.sizes):
+        for b, n, g in zip(obj.batches, obj.sizes, batch_gens):
+            current["batch"] = g
             # forward mode: attention on kernels with a forward derivative
             with (
                 torch.no_grad(),
@@ -109,8 +117,11 @@ def _fisher_rao(obj: Objective, *, fisher: str, seed: int | torch.Generator | No
             values.append(tangent.double() ** 2)
             obj.cost.jvp += 1
     sq = torch.cat(values)
-    mean_sq = float(sq.mean())
-    se_sq = float(sq.std(unbiased=True) / math.sqrt(sq.numel())) if sq.numel() > 1 else None
+    # mean and unbiased variance over every rank's examples, in two passes
+    total, count = obj.reduce(float(sq.sum()), float(sq.numel()))
+    mean_sq = total / count
+    (dev,) = obj.reduce(float(((sq - mean_sq) ** 2).sum()))
+    se_sq = math.sqrt(dev / (count - 1) / count) if count > 1 else None
     norm = math.sqrt(mean_sq)
     return MetricResult(
         name="fisher_rao",
@@ -133,6 +144,7 @@ def fisher_rao_norm(
     mode: str = "eval",
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    process_group: Any = None,
 ) -> MetricResult:
     """Fisher-Rao norm ``sqrt(E <w, grad l>^2)`` over the examples of ``data``.
 
@@ -148,6 +160,10 @@ def fisher_rao_norm(
         seed: seed of the label sampling (``fisher="model"``).
         params: the parameters ``w`` of the inner product (others held fixed).
         mode, dtype, device: as in :func:`~sharpkit.sharpness.worst_case_sharpness`.
+        process_group: ``data`` is this rank's shard (see
+            :class:`~sharpkit.sharpness._objective.Objective`): the mean and its
+            error are over all the shards' examples; a batch's sampled labels do
+            not depend on the rank holding it.
 
     Returns:
         A :class:`MetricResult`: ``value`` the norm with a delta-method ``stderr``;
@@ -161,5 +177,8 @@ def fisher_rao_norm(
         >>> round(fisher_rao_norm(model, nn.MSELoss(), (x, y)).value, 6)  # <w, 2 f x> = 2 f^2
         18.0
     """
-    obj = Objective(model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device)
+    obj = Objective(
+        model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device,
+        process_group=process_group,
+    )  # fmt: skip
     return _fisher_rao(obj, fisher=fisher, seed=seed)

@@ -78,7 +78,7 @@ def _pac_bayes(
     _check_positive("sigma_init", sigma_init)
     _check_positive("rtol", rtol)
     _check_positive("max_iter", max_iter, integer=True)
-    gen, seed_used = make_generator(seed)
+    gen, seed_used = make_generator(obj.shared_seed(seed))
     zs = [
         [torch.randn(w.shape, generator=gen, dtype=torch.float64).to(w) for w in obj.w0]
         for _ in range(samples)
@@ -90,7 +90,7 @@ def _pac_bayes(
             vals = [obj.metric(fn, b, d) for b in obj.batches]
         else:
             vals = [obj.loss(b, d) for b in obj.batches]
-        return obj.weighted_mean(vals)
+        return obj.weighted_mean(vals)  # over every rank's shard: the same bisection on all
 
     def drop(sigma: float) -> float:
         out = 0.0
@@ -174,6 +174,7 @@ def pac_bayes_flatness(
     mode: str = "eval",
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    process_group: Any = None,
 ) -> MetricResult:
     """PAC-Bayes flatness ``1 / sigma^2`` (Jiang et al., 2020), optionally magnitude-aware.
 
@@ -192,6 +193,9 @@ def pac_bayes_flatness(
         accuracy_fn: ``accuracy_fn(model, batch) -> scalar`` for ``target="accuracy"``.
         seed: seed of the noise.
         params, mode, dtype, device: as in :func:`~sharpkit.sharpness.worst_case_sharpness`.
+        process_group: ``data`` is this rank's shard (see
+            :class:`~sharpkit.sharpness._objective.Objective`): every rank draws the
+            same noise, measures each drop over all the shards and bisects alike.
 
     Returns:
         A :class:`MetricResult` with ``value = 1/sigma^2`` and ``details["sigma"]`` (the
@@ -208,7 +212,10 @@ def pac_bayes_flatness(
         >>> r.details["converged"]
         True
     """
-    obj = Objective(model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device)
+    obj = Objective(
+        model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device,
+        process_group=process_group,
+    )  # fmt: skip
     return _pac_bayes(
         obj, target=target, max_drop=max_drop, magnitude_aware=magnitude_aware,
         samples=samples, sigma_init=sigma_init, rtol=rtol, max_iter=max_iter,

@@ -213,10 +213,12 @@ def _setting(r: MetricResult) -> str:
     return ""
 
 
-def _curvature(name: str, op: Any, opts: dict[str, Any], seed: int, progress: bool) -> MetricResult:
+def _curvature(
+    name: str, op: Any, opts: dict[str, Any], seed: int, progress: bool, batches: int
+) -> MetricResult:
+    """A curvature metric on ``op``; its cost is ``batches`` HVPs per product."""
     from sharpkit.curvature import eigenvalues, spectral_density, trace
 
-    batches = op.num_batches
     if name in ("lambda_max", "top_k", "lambda_min"):
         which = "smallest" if name == "lambda_min" else "largest"
         k = opts.get("k", 1)
@@ -289,6 +291,7 @@ def measure_sharpness(
     device: torch.device | str | None = None,
     hvp: str = "auto",
     progress: bool = False,
+    process_group: Any = None,
 ) -> SharpnessReport:
     """Measure a set of sharpness metrics and curvature quantities of ``model``.
 
@@ -310,6 +313,18 @@ def measure_sharpness(
             products on convolutional and attention models after a one-off trace per
             batch, more memory; refused with ``nn.MSELoss``, which crashes torch 2.13).
         progress: tqdm bars on long loops.
+        process_group: ``None`` (``data`` is all the data), or a
+            ``torch.distributed`` process group (``torch.distributed.group.WORLD``,
+            which is ``None`` until ``init_process_group``) whose ranks each pass
+            their shard of the batches (uneven shards allowed). Every metric then reduces over the shards (the Hessian
+            through :class:`~sharpkit.distributed.ShardedOperator`, the others
+            through :class:`~sharpkit.sharpness._objective.Objective`), every rank
+            draws the same random numbers (``seed`` must be the same on all), and
+            every rank returns the single-process report of the union of the
+            shards, costs summed over the ranks. A metric that fails on any rank
+            raises (instead of being recorded), since the ranks' collectives
+            would no longer pair up; write the report on rank 0 only
+            (:func:`~sharpkit.distributed.is_main_process`).
 
     Returns:
         A :class:`SharpnessReport`.
@@ -341,7 +356,11 @@ def measure_sharpness(
     if accuracy_fn is not None and not callable(accuracy_fn):
         raise ValueError(f"accuracy_fn: expected accuracy_fn(model, batch), got {accuracy_fn!r}")
     check_requirements(metrics, resolved, loss_fn, hvp=hvp)
-    obj = Objective(model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device)
+    obj = Objective(
+        model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device,
+        process_group=process_group,
+    )  # fmt: skip
+    seed = obj.shared_seed(seed)  # refused unless the same on every rank
     needs_accuracy = [m for m in metrics if resolved[m].get("target") == "accuracy"]
     if needs_accuracy and accuracy_fn is None and not _pair(obj.batches[0]):
         raise ValueError(
@@ -357,24 +376,29 @@ def measure_sharpness(
             f"({type(err).__name__}: {_first_line(err)})"
         ) from None
     acc_fn = accuracy_fn or supervised_accuracy
+    error: Exception | None = None
     try:
-        base["accuracy"] = obj.weighted_mean([obj.metric(acc_fn, b, None) for b in obj.batches])
+        correct = obj.weighted_sum([obj.metric(acc_fn, b, None) for b in obj.batches])
     except Exception as err:
-        if accuracy_fn is not None or needs_accuracy:
-            what = "accuracy_fn" if accuracy_fn is not None else "the default accuracy"
-            raise ValueError(
-                f"accuracy_fn: {what} failed on the unperturbed model "
-                f"({type(err).__name__}: {_first_line(err)})"
-            ) from None
+        correct, error = 0.0, err
+    # the ranks agree on whether the accuracy ran anywhere it failed (one collective)
+    correct, failed = obj.reduce(correct, float(error is not None))
+    if not failed:
+        base["accuracy"] = correct / obj.total_weight
+    elif accuracy_fn is not None or needs_accuracy:
+        what = "accuracy_fn" if accuracy_fn is not None else "the default accuracy"
+        why = f"{type(error).__name__}: {_first_line(error)}" if error else "on another rank"
+        raise ValueError(f"accuracy_fn: {what} failed on the unperturbed model ({why})")
+    largest = max(obj.gather([max(obj.sizes)]))  # the largest batch of any rank
     m_objectives: dict[int | None, Objective] = {None: obj}
 
     def objective_for(m: int | None) -> Objective:
-        if m is not None and m >= max(obj.sizes):
+        if m is not None and m >= largest:
             m = None
         if m not in m_objectives:
             m_objectives[m] = Objective(
                 model, loss_fn, obj.batches, params=obj.names, mode=mode, dtype=obj.dtype,
-                device=obj.device, m=m,
+                device=obj.device, m=m, process_group=process_group,
             )  # fmt: skip
             m_objectives[m].random_state = obj.random_state  # every metric: the same draws
         return m_objectives[m]
@@ -390,7 +414,11 @@ def measure_sharpness(
             if REGISTRY[name].needs & {"hvp"}:
                 if op is None:
                     op = obj.hessian(hvp=hvp)  # the objective's copies, batches and random state
-                res = _curvature(name, op, opts, seed, progress)
+                    if process_group is not None:
+                        from sharpkit.distributed import ShardedOperator
+
+                        op = ShardedOperator(op, group=process_group)
+                res = _curvature(name, op, opts, seed, progress, obj.total_batches)
             elif name.startswith("worst_case"):
                 res = _worst_case(
                     objective_for(opts["m"]), opts["rho"], p="inf" if name.endswith("_inf") else 2,
@@ -416,6 +444,8 @@ def measure_sharpness(
                     obj, opts["epsilon"], steps=opts["steps"], restarts=opts["restarts"], seed=seed
                 )
         except Exception as err:  # one metric's failure must not lose the others
+            if process_group is not None:  # the other ranks may wait in a collective
+                raise
             obj.set_offset(None)
             failures[name] = f"{type(err).__name__}: {_first_line(err)}"
             warnings.warn(f"measure_sharpness: {name} failed: {failures[name]}", stacklevel=2)

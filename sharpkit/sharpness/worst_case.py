@@ -113,12 +113,19 @@ def _pgd(
     steps: int,
     restarts: int,
     gen: torch.Generator,
+    joint: bool = False,
 ) -> tuple[float, float, list[torch.Tensor]]:
     """Maximise sum_b weights_b L_b(w0 + c u) over ||u||_p <= rho.
+
+    ``joint``: the batches are this rank's share of one objective over every rank's
+    batches (losses and gradients summed over the ranks, so every rank takes the
+    same steps); otherwise they are maximised on their own.
 
     Returns (best objective, objective at u=0, best u).
     """
     total = float(sum(weights))
+    if joint:
+        (total,) = obj.reduce(total)
     wts = [w / total for w in weights]
 
     def fg(u: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
@@ -130,6 +137,8 @@ def _pgd(
             f += wb * lb
             for acc, gi, ci in zip(grad, gb, c):
                 acc.add_(gi * ci, alpha=wb)
+        if joint:
+            f, *grad = obj.reduce(f, *grad)
         return f, grad
 
     zero = [torch.zeros_like(x) for x in c]
@@ -207,19 +216,24 @@ def _worst_case(
     _check_positive("steps", steps, integer=True)
     _check_positive("restarts", restarts, integer=True)
     p = _check_p(p)
-    gen, seed_used = make_generator(seed)
+    gen, seed_used = make_generator(obj.shared_seed(seed))
+    gens = obj.batch_generators(gen, seed_used)  # a batch's random starts do not depend on its rank
     c = obj.scale(adaptive)
     if adaptive:  # c = |w| does not move a zero factor: a fresh adapter measures 0
         warn_zero_factors(obj.frozen.model, name, stacklevel=4)
     increases, bases, norms, abs_norms = [], [], [], []
     with obj.metered() as cost:
-        for b in progress_bar(obj.batches, name, progress):
-            best, base, u = _pgd(obj, [b], [1.0], c, rho, p, steps, restarts, gen)
+        for b, g in zip(progress_bar(obj.batches, name, progress), gens):
+            best, base, u = _pgd(obj, [b], [1.0], c, rho, p, steps, restarts, g)
             increases.append(best - base)
             bases.append(base)
             norms.append(_norm(u, p))
             abs_norms.append(_norm([ci * ui for ci, ui in zip(c, u)], 2))
-    value, stderr = weighted_mean_stderr(increases, obj.weights)
+    # every rank's batches, in global batch order
+    increases, bases, norms, abs_norms, sizes, weights = (
+        obj.gather(v) for v in (increases, bases, norms, abs_norms, obj.sizes, obj.weights)
+    )
+    value, stderr = weighted_mean_stderr(increases, weights)
     obj.set_offset(None)
     return MetricResult(
         name=name,
@@ -229,10 +243,10 @@ def _worst_case(
             "rho": rho,
             "p": "inf" if p == math.inf else 2,
             "adaptive": adaptive,
-            "m": max(obj.sizes),
-            "base_loss": weighted_mean_stderr(bases, obj.weights)[0],
-            "perturbation_norm": weighted_mean_stderr(norms, obj.weights)[0],
-            "perturbation_l2": weighted_mean_stderr(abs_norms, obj.weights)[0],
+            "m": int(max(sizes)),
+            "base_loss": weighted_mean_stderr(bases, weights)[0],
+            "perturbation_norm": weighted_mean_stderr(norms, weights)[0],
+            "perturbation_l2": weighted_mean_stderr(abs_norms, weights)[0],
             "per_batch": increases,
         },
         cost=cost,
@@ -259,6 +273,7 @@ def worst_case_sharpness(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    process_group: Any = None,
 ) -> MetricResult:
     """Worst-case (m-)sharpness ``E_B max_{||d/c||_p <= rho} L_B(w+d) - L_B(w)``.
 
@@ -283,6 +298,10 @@ def worst_case_sharpness(
         mode: module mode (``"eval"``/``"train"``).
         dtype, device: computation dtype and device (a private copy of the model).
         progress: tqdm bar over batches.
+        process_group: ``data`` is this rank's shard (see
+            :class:`~sharpkit.sharpness._objective.Objective`): each rank maximises
+            on its own batches (a batch's random starts do not depend on its rank)
+            and every rank returns the mean over all the shards' batches.
 
     Returns:
         A :class:`MetricResult`; ``details`` holds the base loss, the achieved
@@ -298,7 +317,10 @@ def worst_case_sharpness(
         >>> r.value > 0 and r.details["perturbation_norm"] <= 0.05 + 1e-7
         True
     """
-    obj = Objective(model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device, m=m)
+    obj = Objective(
+        model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device, m=m,
+        process_group=process_group,
+    )  # fmt: skip
     return _worst_case(
         obj, rho, p=p, adaptive=adaptive, steps=steps, restarts=restarts, seed=seed,
         progress=progress,
@@ -317,11 +339,11 @@ def _epsilon(
     _check_positive("epsilon", epsilon)
     _check_positive("steps", steps, integer=True)
     _check_positive("restarts", restarts, integer=True)
-    gen, seed_used = make_generator(seed)
+    gen, seed_used = make_generator(obj.shared_seed(seed))
     c = obj.scale(True, KESKAR_OFFSET)
     with obj.metered() as cost:
         best, base, u = _pgd(
-            obj, obj.batches, obj.weights, c, epsilon, math.inf, steps, restarts, gen
+            obj, obj.batches, obj.weights, c, epsilon, math.inf, steps, restarts, gen, joint=True
         )
     obj.set_offset(None)
     return MetricResult(
@@ -352,6 +374,7 @@ def epsilon_sharpness(
     mode: str = "eval",
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    process_group: Any = None,
 ) -> MetricResult:
     """Keskar et al.'s epsilon-sharpness in the full parameter space.
 
@@ -359,7 +382,10 @@ def epsilon_sharpness(
 
     with ``L`` the weighted loss over *all* the data (one maximiser, unlike
     :func:`worst_case_sharpness`). Keskar et al. solve the box-constrained maximum
-    with L-BFGS-B; here it is auto-PGD in the box (a feasible lower bound).
+    with L-BFGS-B; here it is auto-PGD in the box (a feasible lower bound). With a
+    ``process_group``, ``data`` is this rank's shard and every step's loss and
+    gradient are summed over the ranks (see
+    :class:`~sharpkit.sharpness._objective.Objective`).
 
     Example:
         >>> model = nn.Linear(3, 2)
@@ -368,5 +394,8 @@ def epsilon_sharpness(
         >>> epsilon_sharpness(model, nn.CrossEntropyLoss(), data, 1e-2).value > 0
         True
     """
-    obj = Objective(model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device)
+    obj = Objective(
+        model, loss_fn, data, params=params, mode=mode, dtype=dtype, device=device,
+        process_group=process_group,
+    )  # fmt: skip
     return _epsilon(obj, epsilon, steps=steps, restarts=restarts, seed=seed)

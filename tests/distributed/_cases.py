@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -183,3 +185,308 @@ def _deltasam_reference_step(net, loss_fn, xb, yb, world_size) -> float:
         for n, p in net.named_parameters():
             p -= 0.1 * direction[n]
     return loss
+
+
+SHARPNESS_METRICS = (
+    "lambda_max",
+    "trace",
+    "worst_case",
+    "worst_case_adaptive_inf",
+    "average_case_adaptive",
+    "pac_bayes",
+    "fisher_rao",
+    "epsilon_sharpness",
+)
+SHARPNESS_OPTIONS = {
+    "lambda_max": {"tol": 1e-10},
+    "trace": {"num_samples": 12},
+    "worst_case": {"steps": 6, "restarts": 2, "m": 5},  # random restarts, batches re-split
+    "worst_case_adaptive_inf": {"steps": 5},
+    "average_case_adaptive": {"samples": 6},
+    "pac_bayes": {"samples": 2, "rtol": 0.2, "target": "loss", "max_drop": 0.05},
+    "fisher_rao": {"fisher": "model"},  # labels sampled per batch
+    "epsilon_sharpness": {"steps": 5, "restarts": 2},
+}
+
+
+def shard_batches(rank: int, world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank ``rank``'s batches: its uneven shard of the 53 examples, in batches of 8."""
+    x, y = data()
+    return batches(shard(x, rank, world_size), shard(y, rank, world_size))
+
+
+def sharpness(batch_list: list[Any], process_group: Any = None) -> dict[str, Any]:
+    """The report of :data:`SHARPNESS_METRICS` on ``batch_list`` (float64), as tensors."""
+    from sharpkit.sharpness import fisher_rao_norm, measure_sharpness
+
+    rep = measure_sharpness(
+        mlp(),
+        nn.CrossEntropyLoss(),
+        batch_list,
+        SHARPNESS_METRICS,
+        options=SHARPNESS_OPTIONS,
+        seed=3,
+        process_group=process_group,
+    )
+    assert not rep.failures, rep.failures
+    out: dict[str, Any] = {
+        "base": torch.tensor([rep.base["loss"], rep.base["accuracy"]], dtype=torch.float64),
+        "examples": torch.tensor(rep.protocol.examples),
+        "batches": torch.tensor(rep.protocol.batches),
+    }
+    for name, r in rep.metrics.items():
+        out[name] = torch.tensor(
+            [r.value, math.nan if r.stderr is None else r.stderr], dtype=torch.float64
+        )
+        out[name + ".cost"] = torch.tensor(list(dataclasses.astuple(r.cost)))
+    per_batch = rep.metrics["worst_case"].details["per_batch"]
+    out["worst_case.per_batch"] = torch.tensor(per_batch, dtype=torch.float64)
+    # one metric through its own function: the empirical Fisher-Rao norm
+    fr = fisher_rao_norm(mlp(), nn.CrossEntropyLoss(), batch_list, process_group=process_group)
+    out["fisher_rao_empirical"] = torch.tensor([fr.value, fr.stderr], dtype=torch.float64)
+    return out
+
+
+# -- robustness under DDP: BatchNorm, non-finite skips, exceptions, resume ---------------
+def bn_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def _global_batch(s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = data(GLOBAL_BATCH * STEPS)
+    return x[s * GLOBAL_BATCH : (s + 1) * GLOBAL_BATCH], y[
+        s * GLOBAL_BATCH : (s + 1) * GLOBAL_BATCH
+    ]
+
+
+def _snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def train_bn(
+    rank: int = 0, world_size: int = 1, ddp: bool = False, model_arg: bool = True
+) -> dict[str, Any]:
+    """SAM on a BatchNorm MLP. Under DDP each rank normalises with its own shard's batch
+    statistics and DDP broadcasts rank 0's buffers at every forward. The one-process
+    reference ("ghost batches"): the mean of the shards' losses, each shard normalised
+    on its own, with the running statistics of shard 0's pass."""
+    from sharpkit.optim import SAM
+
+    net = bn_mlp()
+    model: nn.Module = nn.parallel.DistributedDataParallel(net) if ddp else net
+    opt = SAM(
+        net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
+        model=model if model_arg else None,
+    )  # fmt: skip
+    bn = net[1]
+    for s in range(STEPS):
+        xb, yb = _global_batch(s)
+        if ddp:
+            xs, ys = shard(xb, rank, world_size), shard(yb, rank, world_size)
+
+            def closure(xs: torch.Tensor = xs, ys: torch.Tensor = ys) -> torch.Tensor:
+                loss = nn.functional.cross_entropy(model(xs), ys)
+                loss.backward()
+                return loss
+        else:
+
+            def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
+                losses, after_first = [], None
+                for r in range(world_size):
+                    xs, ys = shard(xb, r, world_size), shard(yb, r, world_size)
+                    losses.append(nn.functional.cross_entropy(net(xs), ys))
+                    if r == 0:
+                        after_first = [b.clone() for b in bn.buffers()]
+                loss = torch.stack(losses).mean()
+                loss.backward()
+                with torch.no_grad():  # after the backward, which reads the buffers' versions
+                    for b, a in zip(bn.buffers(), after_first):
+                        b.copy_(a)
+                return loss
+
+        opt.step(closure)
+    return {"state": _snapshot(net)}
+
+
+def nonfinite(kind: str, rank: int = 0, world_size: int = 1, ddp: bool = False) -> dict[str, Any]:
+    """``STEPS`` steps where rank 1's shard of step 1 holds a NaN (``ddp``); the
+    one-process reference takes steps 0 and 2 only (step 1 skipped)."""
+    import warnings
+
+    net = mlp()
+    if kind == "sam":
+        model: nn.Module = nn.parallel.DistributedDataParallel(net) if ddp else net
+        opt = make_optimizer("sam", net)
+    else:
+        model = nn.parallel.DistributedDataParallel(net) if ddp else net
+        micro = LOCAL_MICRO_BATCHES if ddp else world_size * LOCAL_MICRO_BATCHES
+        opt = _batch_driven(kind, net, model, micro)
+    skipped = []
+    for s in range(STEPS):
+        if not ddp and s == 1:
+            continue
+        xb, yb = _global_batch(s)
+        if ddp:
+            xb, yb = shard(xb, rank, world_size).clone(), shard(yb, rank, world_size)
+            if s == 1 and rank == 1:
+                xb[0, 0] = math.nan
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if kind == "sam":
+
+                def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
+                    loss = nn.functional.cross_entropy(model(xb), yb)
+                    loss.backward()
+                    return loss
+
+                opt.step(closure)
+            else:
+                opt.step(loss_fn=nn.CrossEntropyLoss(), batch=(xb, yb))
+        skipped.append(any("skipped" in str(w.message) for w in caught))
+    return {
+        "params": {n: p.detach().clone() for n, p in net.named_parameters()},
+        "skipped": torch.tensor(skipped),
+    }
+
+
+RESUME_KINDS = ("sam", "bar", "msam-vectorised")
+
+
+def _build(kind: str, ddp: bool):
+    net = lora_mlp() if kind == "bar" else mlp()
+    model: nn.Module = nn.parallel.DistributedDataParallel(net) if ddp else net
+    if kind.startswith("msam"):
+        return net, model, _batch_driven(kind, net, model, LOCAL_MICRO_BATCHES)
+    return net, model, make_optimizer(kind, net)
+
+
+def _step(kind: str, model: nn.Module, opt: Any, s: int, rank: int, world_size: int) -> None:
+    xb, yb = _global_batch(s)
+    xs, ys = shard(xb, rank, world_size), shard(yb, rank, world_size)
+    if kind.startswith("msam"):
+        opt.step(loss_fn=nn.CrossEntropyLoss(), batch=(xs, ys))
+        return
+
+    def closure() -> torch.Tensor:
+        loss = nn.functional.cross_entropy(model(xs), ys)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+def resume(kind: str, rank: int, world_size: int) -> dict[str, Any]:
+    """Under DDP: ``STEPS`` uninterrupted steps, and a run stopped after step 0 whose
+    model and optimizer state dicts (through bytes, as in a file) restart fresh
+    objects for the remaining steps."""
+    import io
+
+    net, model, opt = _build(kind, ddp=True)
+    for s in range(STEPS):
+        _step(kind, model, opt, s, rank, world_size)
+    straight = {n: p.detach().clone() for n, p in net.named_parameters()}
+
+    net, model, opt = _build(kind, ddp=True)
+    _step(kind, model, opt, 0, rank, world_size)
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    del net, model, opt
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    net, model, opt = _build(kind, ddp=False)  # fresh weights, overwritten by the load
+    net.load_state_dict(saved["model"])
+    model = nn.parallel.DistributedDataParallel(net)
+    if kind.startswith("msam"):
+        opt = _batch_driven(kind, net, model, LOCAL_MICRO_BATCHES)
+    else:
+        opt = make_optimizer(kind, net)
+    opt.load_state_dict(saved["opt"])
+    for s in range(1, STEPS):
+        _step(kind, model, opt, s, rank, world_size)
+    resumed = {n: p.detach().clone() for n, p in net.named_parameters()}
+    return {"straight": straight, "resumed": resumed}
+
+
+def exception_mid_step(kind: str, rank: int, world_size: int) -> dict[str, Any]:
+    """Under DDP: one step of ``kind`` (``"sam"`` or data-parallel ``"msam-vectorised"``),
+    then a step that raises on rank 1 (SAM: in the closure at the perturbed pass, while
+    the other ranks wait in that pass's gradient all-reduce; mSAM: in its local pass,
+    while the others wait in the step's all-reduce). Rank 1 records its state and
+    leaves (its process ends, as a failing rank's would); the others' collective then
+    fails. Every rank's weights, momentum and flags must be those after the first step."""
+    net, model, opt = _build(kind, ddp=True)
+    _step(kind, model, opt, 0, rank, world_size)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in net.parameters()]
+    xb, yb = _global_batch(1)
+    xs, ys = shard(xb, rank, world_size), shard(yb, rank, world_size)
+    calls = {"n": 0}
+    fail_at = 2 if kind == "sam" else 1
+
+    def loss_of(m: nn.Module, batch: Any) -> torch.Tensor:
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == fail_at:
+            raise RuntimeError("injected failure inside the step")
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    def closure() -> torch.Tensor:
+        loss = loss_of(model, (xs, ys))
+        loss.backward()
+        return loss
+
+    try:
+        if kind == "sam":
+            opt.step(closure)
+        else:
+            opt.step(loss_fn=loss_of, batch=(xs, ys))
+        error = ""
+    except Exception as err:  # rank 1: the injected error; the others: the broken group
+        error = f"{type(err).__name__}: {err}"
+    return {
+        "error": error,
+        "restored": torch.tensor(
+            all(torch.equal(p, before[n]) for n, p in net.named_parameters())
+            and all(
+                torch.equal(opt.state[p]["momentum_buffer"], m)
+                for p, m in zip(net.parameters(), momentum)
+            )
+        ),
+        "perturbed": torch.tensor(opt.perturbed),
+        "_leave": True,
+    }
+
+
+def train_bn_msam(rank: int = 0, world_size: int = 1, ddp: bool = False) -> dict[str, Any]:
+    """Data-parallel mSAM (sequential path) on a BatchNorm MLP; in one process the
+    reference: mSAM with ``world_size * LOCAL_MICRO_BATCHES`` micro-batches for the
+    weights, and the running statistics of rank 0's micro-batches (the DDP convention:
+    rank 0's buffers on every rank)."""
+    import copy
+
+    from sharpkit.optim import MSAM
+
+    net = bn_mlp()
+    model: nn.Module = nn.parallel.DistributedDataParallel(net) if ddp else net
+    micro = LOCAL_MICRO_BATCHES if ddp else world_size * LOCAL_MICRO_BATCHES
+    opt = MSAM(
+        net.parameters(), torch.optim.SGD, rho=0.05, micro_batches=micro, model=model,
+        path="sequential", lr=0.1, momentum=0.9,
+    )  # fmt: skip
+    loss_fn = nn.CrossEntropyLoss()
+    for s in range(STEPS):
+        xb, yb = _global_batch(s)
+        if ddp:
+            opt.step(
+                loss_fn=loss_fn, batch=(shard(xb, rank, world_size), shard(yb, rank, world_size))
+            )
+            continue
+        twin = copy.deepcopy(net)  # rank 0's clean micro-batch passes, in order, at w
+        with torch.no_grad():
+            for xm in torch.tensor_split(shard(xb, 0, world_size), LOCAL_MICRO_BATCHES):
+                twin(xm)
+        opt.step(loss_fn=loss_fn, batch=(xb, yb))
+        with torch.no_grad():
+            for b, t in zip(net.buffers(), twin.buffers()):
+                b.copy_(t)
+    return {"state": _snapshot(net)}

@@ -6,7 +6,8 @@ the environment ``torchrun`` would give it (``RANK``, ``WORLD_SIZE``,
 the test fails if they do not all finish within ``timeout`` seconds, so a hang
 fails instead of blocking CI. Each rank writes its results with ``torch.save``
 to ``OUT/rank{r}.pt``; :func:`launch` returns them (loaded with
-``weights_only=True``).
+``weights_only=True``). :func:`run_ranks` runs any command that way (the
+``sharpkit`` command, say).
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(case: str, world_size: int, out: Path, timeout: float = 120.0) -> list[dict[str, Any]]:
-    """Run ``case`` on ``world_size`` ranks; return each rank's saved results."""
-    out.mkdir(parents=True, exist_ok=True)
+def run_ranks(
+    argv: list[str], world_size: int, logs: Path, timeout: float, cwd: Path = ROOT
+) -> list[tuple[int, str]]:
+    """Run ``argv`` as ``world_size`` ranks (torchrun's environment, gloo on localhost);
+    fail the test if they do not all end within ``timeout`` s. Returns each rank's exit
+    code and output (also in ``logs/rank{r}.log``)."""
+    logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
-    logs = []
+    files = []
     for rank in range(world_size):
         env = {
             **os.environ,
@@ -49,17 +54,9 @@ def launch(case: str, world_size: int, out: Path, timeout: float = 120.0) -> lis
             "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         }
-        log = open(out / f"rank{rank}.log", "w")  # closed below
-        logs.append(log)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "tests.distributed._worker", case, str(out)],
-                env=env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
+        log = open(logs / f"rank{rank}.log", "w")  # closed below
+        files.append(log)
+        procs.append(subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
     try:
         for p in procs:
@@ -67,16 +64,21 @@ def launch(case: str, world_size: int, out: Path, timeout: float = 120.0) -> lis
             try:
                 p.wait(timeout=left)
             except subprocess.TimeoutExpired:
-                pytest.fail(f"{case}: the {world_size} ranks did not finish within {timeout} s")
+                pytest.fail(f"{argv}: the {world_size} ranks did not finish within {timeout} s")
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        for log in logs:
+        for log in files:
             log.close()
-    for rank, p in enumerate(procs):
-        if p.returncode != 0:
-            text = (out / f"rank{rank}.log").read_text()[-4000:]
-            pytest.fail(f"{case}: rank {rank} exited with {p.returncode}:\n{text}")
+    return [(p.returncode, (logs / f"rank{r}.log").read_text()) for r, p in enumerate(procs)]
+
+
+def launch(case: str, world_size: int, out: Path, timeout: float = 120.0) -> list[dict[str, Any]]:
+    """Run ``case`` on ``world_size`` ranks; return each rank's saved results."""
+    argv = [sys.executable, "-m", "tests.distributed._worker", case, str(out)]
+    for rank, (code, text) in enumerate(run_ranks(argv, world_size, out, timeout)):
+        if code != 0:
+            pytest.fail(f"{case}: rank {rank} exited with {code}:\n{text[-4000:]}")
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]

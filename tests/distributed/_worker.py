@@ -63,11 +63,48 @@ def train_batch_driven(rank: int, world_size: int) -> dict:
     }
 
 
+def sharpness(rank: int, world_size: int) -> dict:
+    return _cases.sharpness(_cases.shard_batches(rank, world_size), dist.group.WORLD)
+
+
+def robustness(rank: int, world_size: int) -> dict:
+    out: dict = {
+        "bn": _cases.train_bn(rank, world_size, ddp=True),
+        "bn_no_model": _cases.train_bn(rank, world_size, ddp=True, model_arg=False),
+        "bn_msam": _cases.train_bn_msam(rank, world_size, ddp=True),
+    }
+    for kind in ("sam", "msam-vectorised"):
+        out["nonfinite_" + kind] = _cases.nonfinite(kind, rank, world_size, ddp=True)
+    for kind in _cases.RESUME_KINDS:
+        out["resume_" + kind] = _cases.resume(kind, rank, world_size)
+    return out
+
+
+def exception_sam(rank: int, world_size: int) -> dict:
+    return _cases.exception_mid_step("sam", rank, world_size)
+
+
+def exception_msam(rank: int, world_size: int) -> dict:
+    return _cases.exception_mid_step("msam-vectorised", rank, world_size)
+
+
 def seeds(rank: int, world_size: int) -> dict:
     return {**curvature_noseed(rank, world_size), **shared_seed(rank, world_size)}
 
 
-CASES = {f.__name__: f for f in (curvature, seeds, train, train_batch_driven)}
+CASES = {
+    f.__name__: f
+    for f in (
+        curvature,
+        exception_sam,
+        exception_msam,
+        robustness,
+        seeds,
+        sharpness,
+        train,
+        train_batch_driven,
+    )
+}
 
 
 def main() -> None:
@@ -77,6 +114,10 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     try:
         result = CASES[case](rank, world_size)
+        if result.pop("_leave", False):  # the group is broken: no collective, no teardown
+            torch.save(result, out / f"rank{rank}.pt")
+            sys.stdout.flush()
+            os._exit(0)
         torch.save(result, out / f"rank{rank}.pt")
         dist.barrier()
     finally:

@@ -129,3 +129,117 @@ def test_one_process_helpers():
         ShardedOperator(A, examples=0)
     op = ShardedOperator(A, examples=4)
     assert op.protocol().extra["world_size"] == 1 and op.protocol().examples == 4
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_sharpness_report_equals_one_process(tmp_path, world_size):
+    """measure_sharpness(process_group=...) on uneven shards == one process on the union of
+    the shards' batches: values, errors, per-batch maxima, costs, on every rank."""
+    union = [b for r in range(world_size) for b in _cases.shard_batches(r, world_size)]
+    ref = _cases.sharpness(union)
+    ranks = launch("sharpness", world_size, tmp_path)
+    assert int(ref["examples"]) == _cases.N_EXAMPLES
+    for r in ranks:
+        assert r.keys() == ref.keys()
+        for key, value in ref.items():
+            if key.endswith(".cost") or value.dtype == torch.int64:
+                assert torch.equal(r[key], value), key
+            else:
+                torch.testing.assert_close(
+                    r[key], value, rtol=1e-10, atol=1e-12, equal_nan=True, msg=key
+                )
+    for r in ranks[1:]:  # one answer, not world_size of them: bit for bit
+        for key, value in ranks[0].items():
+            torch.testing.assert_close(r[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+@pytest.fixture(scope="module")
+def robustness_runs(tmp_path_factory):
+    """Two ranks (the shards are equal here: DDP averages the ranks' mean gradients)."""
+    return 2, launch("robustness", 2, tmp_path_factory.mktemp("robust"))
+
+
+def test_batchnorm_under_ddp_equals_one_process(robustness_runs):
+    """With model=, SAM's perturbed pass leaves no trace in the running statistics under
+    DDP: rank 0's buffers and every rank's weights are the ghost-batch one-process run's.
+    Without model=, the perturbed pass is counted (twice the batches tracked)."""
+    world_size, runs = robustness_runs
+    ref = _cases.train_bn(world_size=world_size)["state"]
+    r0 = runs[0]["bn"]["state"]
+    for key, value in ref.items():
+        torch.testing.assert_close(r0[key], value, rtol=1e-10, atol=1e-12, msg=key)
+    for r in runs[1:]:
+        for key, value in r0.items():
+            if "running" not in key and "num_batches" not in key:  # buffers: rank 0's
+                assert torch.equal(r["bn"]["state"][key], value), key
+    assert int(r0["1.num_batches_tracked"]) == _cases.STEPS
+    loose = runs[0]["bn_no_model"]["state"]
+    assert int(loose["1.num_batches_tracked"]) == 2 * _cases.STEPS
+    assert not torch.allclose(loose["1.running_mean"], ref["1.running_mean"], rtol=1e-6)
+
+
+def test_batchnorm_under_data_parallel_msam_no_drift(robustness_runs):
+    """Data-parallel mSAM bypasses DDP's forward (and its buffer broadcast): the step
+    itself gives every rank rank 0's running statistics, so replicas never drift; the
+    weights are one process's mSAM with R x m micro-batches."""
+    world_size, runs = robustness_runs
+    ref = _cases.train_bn_msam(world_size=world_size)["state"]
+    for r in runs:
+        for key, value in ref.items():
+            got = r["bn_msam"]["state"][key]
+            torch.testing.assert_close(got, value, rtol=1e-10, atol=1e-12, msg=key)
+    for r in runs[1:]:
+        for key, value in runs[0]["bn_msam"]["state"].items():
+            assert torch.equal(r["bn_msam"]["state"][key], value), key
+
+
+@pytest.mark.parametrize("kind", ["sam", "msam-vectorised"])
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(robustness_runs, kind):
+    world_size, runs = robustness_runs
+    ref = _cases.nonfinite(kind, world_size=world_size)
+    for r in runs:
+        got = r["nonfinite_" + kind]
+        assert got["skipped"].tolist() == [False, True, False]
+        for name, p in ref["params"].items():
+            torch.testing.assert_close(got["params"][name], p, rtol=1e-10, atol=1e-12)
+    for r in runs[1:]:
+        for name, p in runs[0]["nonfinite_" + kind]["params"].items():
+            assert torch.equal(r["nonfinite_" + kind]["params"][name], p)
+
+
+@pytest.mark.parametrize("kind", _cases.RESUME_KINDS)
+def test_state_dict_resume_under_ddp_equals_an_uninterrupted_run(robustness_runs, kind):
+    _, runs = robustness_runs
+    for r in runs:
+        got = r["resume_" + kind]
+        for name, p in got["straight"].items():
+            torch.testing.assert_close(got["resumed"][name], p, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("case", "world_size"), [("exception_sam", 2), ("exception_sam", 3), ("exception_msam", 2)]
+)
+def test_an_exception_on_one_rank_restores_every_rank_and_does_not_hang(tmp_path, case, world_size):
+    ranks = launch(case, world_size, tmp_path, timeout=90)
+    assert "injected failure" in ranks[1]["error"]
+    for r in [ranks[0], *ranks[2:]]:  # waiting in a collective: failed, not hung
+        assert r["error"] and "injected" not in r["error"]
+    for r in ranks:
+        assert bool(r["restored"]) and not bool(r["perturbed"])
+
+
+def test_a_process_group_without_init_is_refused_before_compute():
+    from sharpkit.sharpness import measure_sharpness, worst_case_sharpness
+
+    calls = {"n": 0}
+
+    def loss(model, batch):
+        calls["n"] += 1
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    data = _cases.shard_batches(0, 1)
+    with pytest.raises(ValueError, match="process_group"):
+        measure_sharpness(_cases.mlp(), loss, data, ["lambda_max"], process_group=object())
+    with pytest.raises(ValueError, match="process_group"):
+        worst_case_sharpness(_cases.mlp(), loss, data, 0.05, process_group=object())
+    assert calls["n"] == 0
