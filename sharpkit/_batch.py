@@ -202,6 +202,7 @@ def weighting(loss_fn: Any, batches: Iterable[Any]) -> str:
     """What ``loss_fn`` averages over in ``batches``: ``"tokens"`` or ``"examples"``.
 
     Read from a ``normalisation_of(batch)`` method (``sharpkit.hf.HFLoss``);
+    ``"custom"`` for a loss with its own ``batch_weight`` but no such method;
     ``"examples"`` for any other loss (batches of several kinds give both names,
     comma-separated). Measurements record it in their protocol.
 
@@ -211,7 +212,7 @@ def weighting(loss_fn: Any, batches: Iterable[Any]) -> str:
     """
     own = getattr(loss_fn, "normalisation_of", None)
     if not callable(own):
-        return "examples"
+        return "custom" if callable(getattr(loss_fn, "batch_weight", None)) else "examples"
     return ", ".join(sorted({str(own(b)) for b in batches}))
 
 

@@ -40,7 +40,8 @@ class MeasurementProtocol:
             ``"examples"`` (by their number of examples, the mean of a per-example
             loss) or ``"tokens"`` (by their number of target tokens, the mean of a
             token-mean loss such as a language model's; the total is
-            ``extra["tokens"]``), see :func:`sharpkit._batch.batch_weight`.
+            ``extra["tokens"]``) or ``"custom"`` (by the loss's own
+            ``batch_weight``), see :func:`sharpkit._batch.batch_weight`.
         mode: module mode during measurement (``"eval"`` or ``"train"``).
         dtype: floating dtype of the computation.
         device: device it ran on.

@@ -490,3 +490,29 @@ def train_bn_msam(rank: int = 0, world_size: int = 1, ddp: bool = False) -> dict
             for b, t in zip(net.buffers(), twin.buffers()):
                 b.copy_(t)
     return {"state": _snapshot(net)}
+
+
+class MaskedMSE:
+    """A token-mean-like loss: the mean of squared errors over the entries a 0/1 mask
+    keeps, with ``batch_weight`` (the kept entries) as its own normalisation."""
+
+    def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        x, y, m = batch
+        return (((model(x) - y) ** 2) * m).sum() / m.sum()
+
+    def batch_weight(self, batch: Any) -> float:
+        return float(batch[2].sum())
+
+
+def masked_data(n: int = N_EXAMPLES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Regression data whose mask keeps an uneven number of the 3 outputs per example."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    m = (torch.rand(n, 3, generator=g) < torch.linspace(0.2, 0.9, n)[:, None]).double()
+    m[:, 0] = 1.0  # every example keeps at least one entry
+    return x, y, m
+
+
+def masked_batches(x, y, m) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    return list(zip(torch.split(x, BATCH), torch.split(y, BATCH), torch.split(m, BATCH)))

@@ -24,6 +24,17 @@ def curvature(rank: int, world_size: int) -> dict:
     return _cases.curvature_estimates(ShardedOperator(local))
 
 
+def curvature_weighted(rank: int, world_size: int) -> dict:
+    from sharpkit.curvature import HessianOperator
+    from sharpkit.distributed import ShardedOperator
+
+    x, y, m = (_cases.shard(t, rank, world_size) for t in _cases.masked_data())
+    local = HessianOperator(_cases.mlp(), _cases.MaskedMSE(), _cases.masked_batches(x, y, m))
+    op = ShardedOperator(local)
+    v = torch.linspace(-1.0, 1.0, op.dim, dtype=torch.float64)
+    return {"hv": op.matvec(v), "custom": torch.tensor(op.protocol().weighting == "custom")}
+
+
 def curvature_noseed(rank: int, world_size: int) -> dict:
     from sharpkit.curvature import HessianOperator, eigenvalues
     from sharpkit.distributed import ShardedOperator
@@ -96,6 +107,7 @@ CASES = {
     f.__name__: f
     for f in (
         curvature,
+        curvature_weighted,
         exception_sam,
         exception_msam,
         robustness,

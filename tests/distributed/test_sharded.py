@@ -46,6 +46,26 @@ def test_sharded_curvature_equals_one_process(tmp_path, single_curvature, world_
         assert torch.equal(r["hutchinson"], ranks[0]["hutchinson"])
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_products_follow_the_loss_s_own_weights(tmp_path, world_size):
+    """A loss that normalises by kept entries (tokens, say): the shards are weighted by
+    their entries, not their examples, so the product is that of the mean over all
+    the data's entries (one batch of everything, in one process)."""
+    x, y, m = _cases.masked_data()
+    loss = _cases.MaskedMSE()
+    dim = sum(p.numel() for p in _cases.mlp().parameters())
+    v = torch.linspace(-1.0, 1.0, dim, dtype=torch.float64)
+    ref = HessianOperator(_cases.mlp(), loss, (x, y, m)).matvec(v)
+    by_examples = sum(
+        (len(xs) / len(x)) * HessianOperator(_cases.mlp(), loss, (xs, ys, ms)).matvec(v)
+        for xs, ys, ms in zip(*(torch.tensor_split(t, world_size) for t in (x, y, m)))
+    )
+    assert not torch.allclose(by_examples, ref, rtol=1e-6)  # the weights matter here
+    for r in launch("curvature_weighted", world_size, tmp_path):
+        torch.testing.assert_close(r["hv"], ref, rtol=1e-12, atol=1e-14)
+        assert bool(r["custom"])  # the protocol says the loss's own weights were used
+
+
 def test_seeds_across_ranks(tmp_path):
     ranks = launch("seeds", 3, tmp_path)
     # estimators given no seed draw different vectors per rank: refused, not mixed
