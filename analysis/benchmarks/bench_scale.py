@@ -24,7 +24,7 @@ tokens (sequence 64, next-token cross-entropy). Measured per model:
   ``spectral_density``) and, for sharpkit, the share of its time spent outside the
   products (the bookkeeping).
 - **peak memory** of a top-5 computation in a fresh process per method (rise of
-  ``ru_maxrss`` over the process after the model and data are built).
+  the peak resident set, ``VmHWM``, over its value once the model and data are built).
 
 Run: ``python -m analysis.benchmarks.bench_scale [--quick] [--models S,M,L]``; writes
 analysis/benchmarks/results/scale.md (and .json; ``--quick`` writes scale_quick.*).
@@ -37,7 +37,6 @@ import copy
 import json
 import multiprocessing as mp
 import os
-import resource
 import sys
 import time
 import warnings
@@ -50,7 +49,7 @@ from torch import nn
 
 from sharpkit.curvature import HessianOperator, eigenvalues, spectral_density, trace
 
-from .harness import Case, compare, machine_info, write_table
+from .harness import Case, Row, compare, machine_info, write_table
 from .models import scale_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -343,6 +342,15 @@ def slq_rows(size: str, quick: bool, steps: int) -> dict[str, Any]:
         "seconds": total,
         "bookkeeping_share": 1 - op.seconds / total,
     }
+    plain = Counted(HessianOperator(model, _loss(), data[0]))
+    t0 = time.perf_counter()
+    spectral_density(plain, runs=1, steps=steps, seed=0, reorthogonalize=False)
+    total = time.perf_counter() - t0
+    out["sharpkit plain"] = {
+        "products": plain.num_matvecs,
+        "seconds": total,
+        "bookkeeping_share": 1 - plain.seconds / total,
+    }
     ph = _pyhessian(model, data)
     torch.manual_seed(0)
     with _ph_counter() as cnt:
@@ -401,6 +409,16 @@ def bookkeeping_rows(size: str, quick: bool, rows: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- memory (fresh process)
+def _peak_rss_mib() -> float:
+    """This process's peak resident set (``VmHWM``, MiB). Not ``ru_maxrss``: on Linux a
+    child starts with its parent's high-water mark, which would hide its own peak."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("peak memory: /proc/self/status has no VmHWM (not Linux?)")
+
+
 def _memory_child(size: str, which: str, quick: bool, batch: dict[str, int], queue: Any) -> None:
     torch.set_num_threads(1)
     BATCH.update(batch)
@@ -409,7 +427,7 @@ def _memory_child(size: str, which: str, quick: bool, batch: dict[str, int], que
     tiny = nn.Linear(2, 2)
     xt, yt = torch.ones(1, 2), torch.zeros(1, dtype=torch.long)
     HessianOperator(tiny, _loss(), (xt, yt)).matvec(torch.ones(6))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _peak_rss_mib()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if which == "sharpkit":
@@ -426,7 +444,7 @@ def _memory_child(size: str, which: str, quick: bool, batch: dict[str, int], que
             import hessian_eigenthings as he
 
             he.lanczos(_eigenthings(model, data), k=5, which="LA", seed=0)
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    queue.put(_peak_rss_mib() - base)
 
 
 def peak_memory_mb(size: str, which: str, quick: bool) -> float:
@@ -542,6 +560,7 @@ def main(argv: list[str] | None = None) -> None:
         "--report-from", default="", help="partial .json files to render, comma-separated"
     )
     ap.add_argument("--threads-check", action="store_true", help="only the CLI thread check")
+    ap.add_argument("--note", default="", help="a sentence on the machine's state (reports)")
     args = ap.parse_args(argv)
     for item in filter(None, args.batch.split(",")):
         name, n = item.split("=")
@@ -570,6 +589,7 @@ def main(argv: list[str] | None = None) -> None:
         measured[size] = m
         if args.report_from:
             m.update(measured_saved[size])
+            rows += [Row(**r) for r in m.get("products", [])]
             continue
         for stage in stages:
             t0 = time.perf_counter()
@@ -589,12 +609,16 @@ def main(argv: list[str] | None = None) -> None:
                     w: peak_memory_mb(size, w, args.quick) for w in args.memory_peers.split(",")
                 }
             m.setdefault("stage_seconds", {})[stage] = time.perf_counter() - t0
+            m.setdefault("load_1min_after", {})[stage] = os.getloadavg()[0]
             partial.write_text(json.dumps(measured, indent=2, default=str) + "\n")
             print(size, stage, f"{time.perf_counter() - t0:.0f}s", flush=True)
     notes = [
-        f"1-minute load average of the machine: {load_start:.1f} at the start of this run, "
-        f"{os.getloadavg()[0]:.1f} at its end. Ratios in the first table are interleaved "
-        "(same round); the other tables are single runs.",
+        args.note
+        or (
+            f"1-minute load average of the machine: {load_start:.1f} at the start of this run, "
+            f"{os.getloadavg()[0]:.1f} at its end."
+        ),
+        "Ratios in the first table are interleaved (same round); the other tables are single runs.",
         "",
         f"#### Eigenvalues: products / wall time to {ACC:g} (error: max relative to lambda_1, "
         "against scipy eigsh tol 1e-6 on sharpkit's float32 operator)",
@@ -642,20 +666,28 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"#### SLQ, one run of {steps} Lanczos steps (equal products)",
         "",
-        "| model | sharpkit | sharpkit bookkeeping share | pyhessian | eigenthings | "
-        "time ratio sharpkit / pyhessian |",
-        "|---|---|---|---|---|---|",
+        "| model | sharpkit (default: full reorthogonalisation) | its bookkeeping share | "
+        "sharpkit reorthogonalize=False | its bookkeeping share | pyhessian | eigenthings | "
+        "time ratio sharpkit / pyhessian (default; reorthogonalize=False) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for size, m in measured.items():
         if "slq" not in m:
             continue
         s = m["slq"]
+        sk, pl, ph = s["sharpkit"], s.get("sharpkit plain"), s["pyhessian"]
+        plain_cells = (
+            f"{pl['products']} / {pl['seconds']:.1f}s | {pl['bookkeeping_share']:.1%}"
+            if pl
+            else "not measured | -"
+        )
+        plain_ratio = f"; {pl['seconds'] / ph['seconds']:.2f}" if pl else ""
         notes.append(
-            f"| {size} | {s['sharpkit']['products']} / {s['sharpkit']['seconds']:.1f}s | "
-            f"{s['sharpkit']['bookkeeping_share']:.1%} | {s['pyhessian']['products']} / "
-            f"{s['pyhessian']['seconds']:.1f}s | {s['eigenthings']['products']} / "
+            f"| {size} | {sk['products']} / {sk['seconds']:.1f}s | "
+            f"{sk['bookkeeping_share']:.1%} | {plain_cells} | {ph['products']} / "
+            f"{ph['seconds']:.1f}s | {s['eigenthings']['products']} / "
             f"{s['eigenthings']['seconds']:.1f}s | "
-            f"{s['sharpkit']['seconds'] / s['pyhessian']['seconds']:.2f} |"
+            f"{sk['seconds'] / ph['seconds']:.2f}{plain_ratio} |"
         )
     if any("bookkeeping" in m for m in measured.values()):
         notes += [
@@ -675,7 +707,7 @@ def main(argv: list[str] | None = None) -> None:
     if any("peak_mb" in m for m in measured.values()):
         notes += [
             "",
-            "#### Peak memory (rise of ru_maxrss in a fresh process, MiB; 1 thread)",
+            "#### Peak memory (rise of the peak resident set, VmHWM, in a fresh process, MiB; 1 thread)",
             "",
             "| model | reference double backward (3 products) | sharpkit top-5 | pyhessian top-5 | "
             "eigenthings top-5 (defaults) | sharpkit / reference |",

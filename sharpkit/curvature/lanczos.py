@@ -152,13 +152,40 @@ class StackedBasis:
         return w
 
 
+class _LastTwoRows:
+    """The two most recent Lanczos vectors only: :func:`lanczos_tridiagonal` without
+    reorthogonalisation (the three-term recurrence needs no more, and memory stays at
+    two vectors). Same interface as :class:`StackedBasis`; ``orthogonalise`` is a no-op."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self._slots = torch.empty(2, dim, dtype=dtype, device=device)
+        self.rows = 0
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def append(self, q: torch.Tensor) -> torch.Tensor:
+        row = self._slots[self.rows % 2]
+        row.copy_(q)
+        self.rows += 1
+        return row
+
+    def row(self, i: int) -> torch.Tensor:
+        if i < self.rows - 2:
+            raise IndexError("row: only the last two Lanczos vectors are kept")
+        return self._slots[i % 2]
+
+    def orthogonalise(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+
 @dataclasses.dataclass
 class LanczosState:
     """Output of :func:`lanczos_tridiagonal`."""
 
     alpha: np.ndarray  # (m,) diagonal of T
     beta: np.ndarray  # (m,) beta[i] couples q_i and q_{i+1}; beta[-1] is the residual norm
-    basis: StackedBasis  # m orthonormal rows q_1..q_m
+    basis: StackedBasis | _LastTwoRows  # rows q_1..q_m (the last two without reorthogonalisation)
     restarts: int
     matvecs: int
 
@@ -180,6 +207,7 @@ def lanczos_tridiagonal(
     min_block_steps: int = 1,
     progress: bool = False,
     desc: str = "lanczos",
+    reorthogonalize: bool = True,
 ) -> LanczosState:
     """Run up to ``max_steps`` Lanczos steps with full reorthogonalisation from ``v0``.
 
@@ -196,12 +224,26 @@ def lanczos_tridiagonal(
     orthogonal to the basis (``beta`` is set to 0, so ``T`` is block diagonal); the
     stopping rule is then consulted only once the new block has ``min_block_steps``
     steps.
+
+    ``reorthogonalize=False`` runs the plain three-term recurrence and keeps only
+    the last two vectors (no basis, no Ritz vectors): the bookkeeping of a step is a
+    few passes over one vector instead of two over all ``j`` stored ones. The
+    vectors then lose orthogonality as Ritz values converge and ``T`` acquires
+    copies ("ghosts") of them, but its Gauss quadrature of smooth functions stays
+    accurate (Meurant and Strakos, Acta Numerica 2006): what SLQ needs, not what
+    eigenvectors need. It cannot restart on breakdown.
     """
+    if not reorthogonalize and restart_on_breakdown:
+        raise ValueError(
+            "restart_on_breakdown: a restart needs the basis, so it needs reorthogonalize=True"
+        )
     dim = op.dim
     dtype, device = op.dtype, op.device
     max_steps = min(max_steps, dim)
     eps = torch.finfo(dtype).eps
-    basis = StackedBasis(dim, dtype, device)
+    basis: StackedBasis | _LastTwoRows = (
+        StackedBasis(dim, dtype, device) if reorthogonalize else _LastTwoRows(dim, dtype, device)
+    )
     # Reused float64 work vectors (fresh large allocations page-fault every step).
     q = v0.to(dtype=torch.float64, device=device, copy=True)
     q /= torch.linalg.vector_norm(q)
