@@ -54,6 +54,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "broadcast_from_first",
+    "init_from_environment",
     "is_main_process",
     "require_process_group",
     "shared_seed",
@@ -156,6 +157,61 @@ def broadcast_from_first(tensors: list[torch.Tensor], group: Any = None) -> None
         with torch.no_grad():
             for t, chunk in zip(ts, torch.split(flat, [t.numel() for t in ts])):
                 t.copy_(chunk.view_as(t))
+
+
+def init_from_environment(device: torch.device, timeout: float = 600.0) -> tuple[Any, torch.device]:
+    """The process group that ``torchrun``'s environment describes, and this rank's device.
+
+    With ``WORLD_SIZE`` unset or 1 (one process) it returns ``(None, device)`` and
+    starts nothing. Otherwise it checks ``RANK``, ``MASTER_ADDR`` and
+    ``MASTER_PORT``, joins the default group (NCCL for a CUDA ``device``, which then
+    becomes this rank's ``LOCAL_RANK`` device and the current one; gloo otherwise)
+    with collectives bounded by ``timeout`` seconds, and returns ``(group.WORLD,
+    device)``. Every command that runs under ``torchrun`` starts here.
+
+    Raises:
+        ValueError: a malformed environment, a ``cuda:N`` device (each rank takes
+            its own), a ``LOCAL_RANK`` with no device, or a non-positive timeout.
+
+    Example:
+        >>> init_from_environment(torch.device("cpu"))  # one process: nothing to join
+        (None, device(type='cpu'))
+    """
+    import datetime
+    import os
+
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise ValueError("WORLD_SIZE / LOCAL_RANK: not integers (start with torchrun)") from None
+    if world_size <= 1:
+        return None, device
+    if not timeout > 0:
+        raise ValueError(f"--dist-timeout: expected a positive number, got {timeout}")
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE={world_size} but {', '.join(missing)} unset; start with torchrun"
+        )
+    backend = "gloo"
+    if device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(
+                f"--device: under torchrun give 'cuda' (each rank takes its LOCAL_RANK "
+                f"device), not {str(device)!r}"
+            )
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device: LOCAL_RANK {local_rank} but {torch.cuda.device_count()} CUDA "
+                "device(s) here"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    return dist.group.WORLD, device
 
 
 def shared_seed(seed: int | None = None, group: Any = None) -> int:

@@ -17,6 +17,11 @@ checks out, unless ``--force``; the table then says which seeds were reused),
 report ``DIR/CLAIMS-SCALE-KEY.md`` (``KEY`` of the set of configs). Every file is
 written atomically.
 
+Under ``torchrun --nproc-per-node R -m sharpkit experiment ...`` the seeds are shared
+out over the ranks (gloo on CPU, NCCL with ``--device cuda``, each rank on its
+``LOCAL_RANK`` device): each seed runs once, on one rank, and rank 0 prints, writes
+the summary and figures and the claims report, equal to one process's.
+
 Exit codes: 0 the experiments ran (whatever their verdicts); 2 bad usage, a bad
 config or an ``--out`` that is a file or not writable (one line on stderr, before
 any compute); 130 interrupted (Ctrl-C: one line; finished seeds are kept, no
@@ -59,6 +64,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="override a config field (repeatable); tuples as comma lists",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="under torchrun: seconds a rank waits for the others before failing",
+    )
     p.set_defaults(func=run)
 
 
@@ -140,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from sharpkit._device import resolve_device
-    from sharpkit.experiments import EXPERIMENTS, claims_report, run_experiment
+    from sharpkit.distributed import init_from_environment
+    from sharpkit.experiments import EXPERIMENTS
     from sharpkit.experiments._core import check_out_dir
 
     if args.name == "list":
@@ -164,9 +177,25 @@ def _run(args: argparse.Namespace) -> int:
             exp.config(args.scale, device=device, **overrides)
             plans.append((exp, overrides))
         check_out_dir(args.out)
+        # under torchrun: the seeds are shared out over the ranks; rank 0 reports
+        group, _ = init_from_environment(resolve_device(args.device), args.dist_timeout)
     except ValueError as err:
         print(f"sharpkit experiment: {err}", file=sys.stderr)
         return 2
+    try:
+        return _run_plans(args, plans, device, group)
+    finally:
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run_plans(args: argparse.Namespace, plans: list[Any], device: str, group: Any) -> int:
+    from sharpkit.distributed import is_main_process
+    from sharpkit.experiments import claims_report, run_experiment
+
+    main = group is None or is_main_process(group)
     reports = []
     for exp, overrides in plans:
         report = run_experiment(
@@ -175,13 +204,15 @@ def _run(args: argparse.Namespace) -> int:
             seeds=args.seeds,
             out_dir=args.out,
             force=args.force,
-            progress=not args.no_progress,
+            progress=main and not args.no_progress,
             device=device,
+            process_group=group,
             **overrides,
         )
-        _print_report(report)
+        if main:
+            _print_report(report)
         reports.append(report)
-    if args.name == "all":
+    if args.name == "all" and main:
         from sharpkit._device import describe_machine
 
         # named by the set of configs, so a run of other configs never overwrites it

@@ -537,46 +537,15 @@ def _steps(paths: list[str]) -> tuple[list[int], str]:
 # -- several processes (torchrun) -------------------------------------------------------
 def _init_distributed(args: Any) -> Any:
     """The process group ``torchrun``'s environment describes (``WORLD_SIZE`` > 1), or
-    ``None`` in one process. NCCL for a CUDA ``--device`` (this rank's ``LOCAL_RANK``
-    device then replaces it), gloo otherwise; collectives wait ``--dist-timeout`` s."""
-    import datetime
-
-    import torch
-    import torch.distributed as dist
+    ``None`` in one process (:func:`sharpkit.distributed.init_from_environment`; a CUDA
+    ``--device`` becomes this rank's ``LOCAL_RANK`` device)."""
+    from sharpkit.distributed import init_from_environment
 
     try:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError:
-        raise BadInput("WORLD_SIZE / LOCAL_RANK: not integers (start with torchrun)") from None
-    if world_size <= 1:
-        return None
-    if not args.dist_timeout > 0:
-        raise BadInput(f"--dist-timeout: expected a positive number, got {args.dist_timeout}")
-    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing:
-        raise BadInput(
-            f"WORLD_SIZE={world_size} but {', '.join(missing)} unset; start with torchrun"
-        )
-    backend = "gloo"
-    if args.device_obj.type == "cuda":
-        if args.device_obj.index is not None:
-            raise BadInput(
-                f"--device: under torchrun give 'cuda' (each rank takes its LOCAL_RANK "
-                f"device), not {args.device!r}"
-            )
-        if local_rank >= torch.cuda.device_count():
-            raise BadInput(
-                f"--device: LOCAL_RANK {local_rank} but {torch.cuda.device_count()} CUDA "
-                "device(s) here"
-            )
-        args.device_obj = torch.device("cuda", local_rank)
-        torch.cuda.set_device(args.device_obj)
-        backend = "nccl"
-    timeout = datetime.timedelta(seconds=args.dist_timeout)
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timeout)
-    return dist.group.WORLD
+        group, args.device_obj = init_from_environment(args.device_obj, args.dist_timeout)
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+    return group
 
 
 def _writes(args: Any) -> bool:

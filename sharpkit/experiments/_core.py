@@ -445,6 +445,7 @@ def run_experiment(
     force: bool = False,
     progress: bool = False,
     plot: bool = True,
+    process_group: Any = None,
     **overrides: Any,
 ) -> ExperimentReport:
     """Run ``experiment`` over seeds, aggregate and judge.
@@ -459,6 +460,12 @@ def run_experiment(
         force: rerun seeds whose results already exist.
         progress: show a progress bar over seeds.
         plot: write figures (when ``out_dir`` is given and the experiment plots).
+        process_group: a ``torch.distributed`` group (``torchrun``): the seeds are
+            shared out, rank ``r`` of ``R`` running seeds ``r, r + R, ...`` (each seed
+            is independent and writes its own file); after a barrier every rank
+            reads all the seed files and judges, and rank 0 alone writes the
+            summary and the figures. Needs ``out_dir`` (the files are how the seeds
+            meet). The report equals one process's.
         **overrides: config fields to change from the preset (validated first).
 
     Returns:
@@ -475,12 +482,19 @@ def run_experiment(
     check(all(s >= 0 for s in seed_list), f"seeds: must be non-negative, got {seed_list}")
     check(len(set(seed_list)) == len(seed_list), f"seeds: duplicates in {seed_list}")
     key = config_key(base)
+    rank, world_size = 0, 1
+    if process_group is not None:
+        from sharpkit.distributed import world
+
+        rank, world_size = world(process_group)
+        check(out_dir is not None, "out_dir: seeds shared over ranks meet in files; give one")
     folder = check_out_dir(out_dir) / experiment.name / scale / key if out_dir is not None else None
-    if folder is not None:
+    if folder is not None:  # every rank: the same bytes, written atomically
         _write_text(folder / "config.json", _config_record(base) + "\n")
+    mine = seed_list[rank::world_size]
     runs: list[RunResult] = []
     cached_seeds: list[int] = []
-    for seed in progress_bar(seed_list, experiment.name, enabled=progress, unit="seed"):
+    for seed in progress_bar(mine, experiment.name, enabled=progress, unit="seed"):
         cfg = dataclasses.replace(base, seed=seed)
         path = folder / f"seed{seed}.json" if folder is not None else None
         if path is not None and path.exists() and not force:
@@ -498,6 +512,20 @@ def run_experiment(
         if path is not None:
             write_json_atomic(path, result)
         runs.append(result)
+    if world_size > 1:  # every rank's seeds are on disk: read them all, in seed order
+        import torch.distributed as dist
+
+        assert folder is not None
+        parts: list[Any] = [None] * world_size
+        dist.all_gather_object(parts, cached_seeds, group=process_group)  # also a barrier
+        cached_seeds = sorted(s for part in parts for s in part)
+        runs = []
+        for seed in seed_list:
+            cfg = dataclasses.replace(base, seed=seed)
+            loaded = _load_cached(folder / f"seed{seed}.json", cfg, experiment)
+            if loaded is None:
+                raise RuntimeError(f"seed {seed}: its rank wrote no valid result file")
+            runs.append(loaded)
     stats = _summarize_all(experiment, runs)
     report = ExperimentReport(
         experiment=experiment.name,
@@ -517,7 +545,7 @@ def run_experiment(
         key=key,
         folder=str(folder) if folder is not None else "",
     )
-    if folder is not None:
+    if folder is not None and rank == 0:
         if plot and experiment.plot is not None:
             report.figures = _plot_atomic(experiment, report, folder)
         summary = dataclasses.asdict(report)
