@@ -724,7 +724,8 @@ def main(argv: list[str] | None = None) -> None:
             ratio = p["sharpkit"] / max(p["reference product"], 1) if len(p) > 1 else float("nan")
             notes.append(f"| {size} | " + " | ".join(cells) + f" | {ratio:.2f} |")
     notes = _drop_empty_tables(notes)
-    notes += ["", f"Total wall time of this run: {time.perf_counter() - t_start:.0f} s."]
+    if not args.report_from:  # a rendering of saved runs has no run time of its own
+        notes += ["", f"Total wall time of this run: {time.perf_counter() - t_start:.0f} s."]
     path = write_table(
         rows,
         out,

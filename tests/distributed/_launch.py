@@ -32,6 +32,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def sharpkit_env() -> dict[str, str]:
+    """The environment for a ``python -m sharpkit`` subprocess: one thread, Agg, the
+    repository on the import path."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+def run_sharpkit(
+    args: list[str], cwd: Path, *, nproc: int = 1, timeout: float = 300.0
+) -> subprocess.CompletedProcess[str]:
+    """``python -m sharpkit ARGS`` in one process, or under torchrun with ``nproc``
+    ranks on 127.0.0.1; bounded by ``timeout`` seconds (a hang fails the test)."""
+    launcher = [sys.executable, "-m"]
+    if nproc > 1:
+        launcher += [
+            "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m",
+        ]  # fmt: skip
+    return subprocess.run(
+        [*launcher, "sharpkit", *args],
+        cwd=cwd,
+        env=sharpkit_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def run_ranks(
     argv: list[str], world_size: int, logs: Path, timeout: float, cwd: Path = ROOT
 ) -> list[tuple[int, str]]:

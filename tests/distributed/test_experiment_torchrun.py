@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from tests.distributed._launch import free_port
-from tests.distributed.test_measure_torchrun import _env
+from tests.distributed._launch import run_sharpkit, sharpkit_env
 
 pytestmark = pytest.mark.slow
 
@@ -25,19 +24,9 @@ def _summary(out):
 
 def test_torchrun_shares_the_seeds_and_reports_what_one_process_does(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    single = subprocess.run(
-        [sys.executable, "-m", "sharpkit", *ARGS, "--out", str(one)],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    single = run_sharpkit([*ARGS, "--out", str(one)], tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
-    launched = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-            "-m", "sharpkit", *ARGS, "--out", str(two),
-        ],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    launched = run_sharpkit([*ARGS, "--out", str(two)], tmp_path, nproc=2)
     assert launched.returncode == 0, (launched.stdout + launched.stderr)[-3000:]
     assert launched.stdout.count("theorem2") == single.stdout.count("theorem2") > 0  # rank 0 only
     fa, a = _summary(one)
@@ -52,20 +41,13 @@ def test_torchrun_shares_the_seeds_and_reports_what_one_process_does(tmp_path):
         rb = json.loads((fb / f"seed{seed}.json").read_text())
         assert rb["summary"] == ra["summary"] and rb["series"] == ra["series"]
     # a rerun under torchrun reuses every seed, whichever rank wrote it
-    again = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-            "-m", "sharpkit", *ARGS, "--out", str(two),
-        ],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    again = run_sharpkit([*ARGS, "--out", str(two)], tmp_path, nproc=2)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert _summary(two)[1]["cached_seeds"] == [0, 1, 2, 3, 4]
 
 
 def test_a_malformed_torchrun_environment_is_one_line_before_any_compute(tmp_path):
-    env = {**_env(), "WORLD_SIZE": "2"}  # no RANK, MASTER_ADDR, MASTER_PORT
+    env = {**sharpkit_env(), "WORLD_SIZE": "2"}  # no RANK, MASTER_ADDR, MASTER_PORT
     for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     out = tmp_path / "out"

@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.distributed._launch import ROOT, free_port, run_ranks
+from tests.distributed._launch import ROOT, run_ranks, run_sharpkit
 
 pytestmark = pytest.mark.slow
 
 DEMO = ["measure", "--demo", "--dtype", "float64", "--no-landscape", "--no-progress"]
-
-
-def _env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "MPLBACKEND": "Agg",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
 
 
 def _close(a: float | None, b: float | None, rtol: float = 1e-8) -> bool:
@@ -34,19 +23,9 @@ def _close(a: float | None, b: float | None, rtol: float = 1e-8) -> bool:
 
 def test_torchrun_demo_report_equals_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    single = subprocess.run(
-        [sys.executable, "-m", "sharpkit", *DEMO, "--out", str(one)],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    single = run_sharpkit([*DEMO, "--out", str(one)], tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
-    launched = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-            "-m", "sharpkit", *DEMO, "--out", str(two),
-        ],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    launched = run_sharpkit([*DEMO, "--out", str(two)], tmp_path, nproc=2)
     assert launched.returncode == 0, (launched.stdout + launched.stderr)[-3000:]
     # rank 0 alone prints: one table, one "wrote" line
     assert launched.stdout.count("wrote ") == 1 and launched.stdout.count("sharpness of") == 1
