@@ -304,7 +304,9 @@ class ShardedOperator:
         from sharpkit.curvature._linop import as_operator
 
         self.local = as_operator(local)
-        weight = None if examples is not None else getattr(self.local, "total_weight", None)
+        # the shard's weight in the mean: the examples given, else the operator's own
+        # weight (tokens for a token-mean loss), else its examples
+        weight = examples if examples is not None else getattr(self.local, "total_weight", None)
         if examples is None:
             examples = getattr(self.local, "num_examples", None)
             if examples is None:

@@ -1034,8 +1034,8 @@ class BatchDrivenSAM(SAMBase):
     forward would make them: replicas never drift apart. For mSAM this is the
     paper's parallel form: each rank's micro-batches are micro-batches of the
     global batch, so ``R`` ranks with ``m`` micro-batches each equal one process
-    with ``R * m`` micro-batches on the concatenated batch, with one all-reduce per step where SAM under DDP
-    needs two.
+    with ``R * m`` micro-batches on the concatenated batch, with one all-reduce
+    per step where SAM under DDP needs two.
     """
 
     _needs_batch = "it needs the batch"

@@ -64,6 +64,18 @@ def run_sharpkit(
     )
 
 
+def one_and_torchrun(
+    args: list[str], cwd: Path, one: Path, two: Path
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """``python -m sharpkit ARGS --out ONE`` in one process, then under torchrun with 2
+    ranks and ``--out TWO``; both must succeed."""
+    single = run_sharpkit([*args, "--out", str(one)], cwd)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launched = run_sharpkit([*args, "--out", str(two)], cwd, nproc=2)
+    assert launched.returncode == 0, (launched.stdout + launched.stderr)[-3000:]
+    return single, launched
+
+
 def run_ranks(
     argv: list[str], world_size: int, logs: Path, timeout: float, cwd: Path = ROOT
 ) -> list[tuple[int, str]]:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.distributed._launch import run_sharpkit, sharpkit_env
+from tests.distributed._launch import one_and_torchrun, run_sharpkit, sharpkit_env
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +24,7 @@ def _summary(out):
 
 def test_torchrun_shares_the_seeds_and_reports_what_one_process_does(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    single = run_sharpkit([*ARGS, "--out", str(one)], tmp_path)
-    assert single.returncode == 0, single.stderr[-3000:]
-    launched = run_sharpkit([*ARGS, "--out", str(two)], tmp_path, nproc=2)
-    assert launched.returncode == 0, (launched.stdout + launched.stderr)[-3000:]
+    single, launched = one_and_torchrun(ARGS, tmp_path, one, two)
     assert launched.stdout.count("theorem2") == single.stdout.count("theorem2") > 0  # rank 0 only
     fa, a = _summary(one)
     fb, b = _summary(two)

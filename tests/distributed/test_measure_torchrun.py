@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.distributed._launch import ROOT, run_ranks, run_sharpkit
+from tests.distributed._launch import ROOT, one_and_torchrun, run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +23,7 @@ def _close(a: float | None, b: float | None, rtol: float = 1e-8) -> bool:
 
 def test_torchrun_demo_report_equals_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    single = run_sharpkit([*DEMO, "--out", str(one)], tmp_path)
-    assert single.returncode == 0, single.stderr[-3000:]
-    launched = run_sharpkit([*DEMO, "--out", str(two)], tmp_path, nproc=2)
-    assert launched.returncode == 0, (launched.stdout + launched.stderr)[-3000:]
+    _, launched = one_and_torchrun(DEMO, tmp_path, one, two)
     # rank 0 alone prints: one table, one "wrote" line
     assert launched.stdout.count("wrote ") == 1 and launched.stdout.count("sharpness of") == 1
     a = json.loads((one / "report.json").read_text())
