@@ -57,19 +57,21 @@ REL_TOL = 1e-2
 
 
 @dataclass(frozen=True)
-class Theorem2Config(ExperimentConfig):
-    """Config of the Theorem 2 experiment.
+class ToyStatesConfig(ExperimentConfig):
+    """What the toy-state sweeps share (Theorem 2 here, Theorem 3 in
+    :mod:`.theorem3`): noisy SGD on a toy supplies ``states`` states, one every
+    ``stride`` steps after ``warmup``, and one step per state is measured for each
+    radius in ``rhos``.
 
     Attributes:
-        noise: noise level ``a`` of the NOP toy (> 0: with clean data the gradient
-            gap vanishes along the trajectory and there is nothing to predict).
+        noise: noise level ``a`` of the toy (> 0).
         dim: size of x and y.
         lr: SGD step of the trajectory that supplies the states (and ``eta`` of the
-            measured SAM step).
+            measured step).
         warmup: SGD steps before the first state.
         states: number of states (one every ``stride`` SGD steps).
         stride: SGD steps between states.
-        rhos: the SAM radii of the sweep (> 0, at least 3).
+        rhos: the radii of the sweep (> 0, at least 3).
     """
 
     noise: float = 1.0
@@ -90,6 +92,14 @@ class Theorem2Config(ExperimentConfig):
         check(self.stride >= 1, f"stride: must be >= 1, got {self.stride}")
         check(len(self.rhos) >= 3, f"rhos: need at least 3 radii, got {len(self.rhos)}")
         check(all(r > 0 for r in self.rhos), f"rhos: must be positive, got {self.rhos}")
+
+
+@dataclass(frozen=True)
+class Theorem2Config(ToyStatesConfig):
+    """Config of the Theorem 2 experiment: the sweep of :class:`ToyStatesConfig` on
+    the NOP toy (``noise > 0``: with clean data the gradient gap vanishes along the
+    trajectory and there is nothing to predict), one SAM step per state and radius.
+    """
 
 
 def _balancedness(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

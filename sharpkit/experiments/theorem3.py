@@ -50,14 +50,14 @@ import torch
 
 from sharpkit.balance.toys import OPToy, paper_init
 
-from ._core import Experiment, ExperimentConfig, RunResult, Stat, Verdict, check, make_result
-from .theorem2 import REL_TOL, SLOPE_TOL, _balancedness
+from ._core import Experiment, RunResult, Stat, Verdict, check, make_result
+from .theorem2 import REL_TOL, SLOPE_TOL, ToyStatesConfig, _balancedness
 
 __all__ = ["EXPERIMENT", "Theorem3Config", "msam_rate", "run"]
 
 
 @dataclass(frozen=True)
-class Theorem3Config(ExperimentConfig):
+class Theorem3Config(ToyStatesConfig):
     """Config of the Theorem 3 / m-sharpness experiment.
 
     Attributes:
@@ -74,33 +74,18 @@ class Theorem3Config(ExperimentConfig):
         rho_ref: the radius at which mSAM's force is compared with SAM's.
     """
 
-    noise: float = 1.0
-    dim: int = 3
-    lr: float = 1e-2
-    warmup: int = 100
-    states: int = 256
-    stride: int = 5
     batch: int = 8
     micro: tuple[int, ...] = (1, 2, 4, 8)
-    rhos: tuple[float, ...] = tuple(float(r) for r in np.logspace(-3, -1, 8))
     rho_ref: float = 0.2
 
     def validate(self) -> None:
-        super().validate()
-        check(self.noise > 0, f"noise: must be positive, got {self.noise}")
-        check(self.dim >= 1, f"dim: must be >= 1, got {self.dim}")
-        check(self.lr > 0, f"lr: must be positive, got {self.lr}")
-        check(self.warmup >= 0, f"warmup: must be >= 0, got {self.warmup}")
-        check(self.states >= 1, f"states: must be >= 1, got {self.states}")
-        check(self.stride >= 1, f"stride: must be >= 1, got {self.stride}")
+        super().validate()  # the shared sweep fields (ToyStatesConfig)
         check(self.batch >= 1, f"batch: must be >= 1, got {self.batch}")
         check(
             1 in self.micro and len(set(self.micro)) == len(self.micro) >= 2
             and all(m >= 1 and self.batch % m == 0 for m in self.micro),
             f"micro: need distinct m >= 1 dividing batch = {self.batch}, 1 included, got {self.micro}",
         )  # fmt: skip
-        check(len(self.rhos) >= 3, f"rhos: need at least 3 radii, got {len(self.rhos)}")
-        check(all(r > 0 for r in self.rhos), f"rhos: must be positive, got {self.rhos}")
         check(self.rho_ref > 0, f"rho_ref: must be positive, got {self.rho_ref}")
 
 
