@@ -550,6 +550,9 @@ def run_experiment(
             report.figures = _plot_atomic(experiment, report, folder)
         summary = dataclasses.asdict(report)
         summary.pop("runs")
+        # the file lies in the folder: the figures by name, no machine's absolute path
+        summary.pop("folder")
+        summary["figures"] = [Path(f).name for f in report.figures]
         write_json_atomic(folder / "summary.json", summary)
     return report
 

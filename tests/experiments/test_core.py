@@ -85,6 +85,7 @@ def test_rerun_skips_finished_seeds_unless_forced_or_changed(tmp_path) -> None:
     assert CALLS[-1] == 2
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["verdict"]["holds"] is True and summary["key"] == folder.name
+    assert "folder" not in summary and str(tmp_path) not in json.dumps(summary)
 
 
 def test_another_config_never_overwrites_or_mixes(tmp_path) -> None:
