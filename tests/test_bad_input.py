@@ -15,7 +15,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -27,50 +26,7 @@ from sharpkit.io import save_state_dict
 from sharpkit.sharpness import METRICS, measure_sharpness
 from sharpkit.sharpness._registry import REGISTRY, resolve_options
 
-SPEC = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-
-    def model():
-        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
-    def data():
-        g = torch.Generator().manual_seed(0)
-        return torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g)
-
-
-    def endless():
-        g = torch.Generator().manual_seed(0)
-        while True:
-            yield torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
-
-
-    def dict_data():
-        g = torch.Generator().manual_seed(0)
-        return [{"x": torch.randn(16, 6, generator=g), "y": torch.randint(0, 3, (16,))}]
-
-
-    def loss_fn(model, batch):
-        x, y = batch
-        return nn.functional.cross_entropy(model(x), y)
-
-
-    def loss_factory():
-        return loss_fn
-
-
-    def three(model, batch, extra):
-        return 0.0
-
-
-    def accuracy(model, batch):
-        x, y = batch
-        return (model(x).argmax(-1) == y).float().mean()
-    """
-)
+SPEC = (pathlib.Path(__file__).parent / "_user_spec.py").read_text()
 
 FAST = ["--metrics", "lambda_max,average_case", "--no-progress", "--no-landscape"]
 

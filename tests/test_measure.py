@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import textwrap
 
 import pytest
 import torch
@@ -13,29 +12,7 @@ import torch
 from sharpkit.cli import main
 from sharpkit.io import save_state_dict
 
-SPEC = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-
-    def model():
-        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
-    def data():
-        g = torch.Generator().manual_seed(0)
-        return torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g)
-
-
-    def not_a_model():
-        return 3
-
-
-    def summed():
-        return nn.CrossEntropyLoss(reduction="sum")
-    """
-)
+SPEC = (pathlib.Path(__file__).parent / "_user_spec.py").read_text()
 
 
 FAST = ["--metrics", "lambda_max,worst_case_adaptive,average_case", "--no-progress"]
