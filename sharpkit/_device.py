@@ -8,7 +8,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["describe_machine", "machine_info", "resolve_device"]
+__all__ = ["available_memory", "describe_machine", "machine_info", "resolve_device"]
+
+#: What :func:`available_memory` reports where the available memory cannot be read (4 GiB).
+FALLBACK_AVAILABLE = 4 << 30
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -35,6 +38,35 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} was asked for, but CUDA is not available here")
     return dev
+
+
+def available_memory(device: torch.device | str) -> int:
+    """The bytes of memory available now on ``device``.
+
+    On CUDA the free device memory (``torch.cuda.mem_get_info``); on the CPU the
+    ``MemAvailable`` line of ``/proc/meminfo``, else the available physical pages;
+    where neither can be read, :data:`FALLBACK_AVAILABLE`. The memory budgets of
+    the curvature estimators (cached graphs, Lanczos bases) are shares of it.
+
+    Example:
+        >>> available_memory("cpu") > 0
+        True
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return FALLBACK_AVAILABLE
 
 
 def _affinity() -> dict[str, Any]:

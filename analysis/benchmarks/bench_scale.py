@@ -335,7 +335,7 @@ def slq_rows(size: str, quick: bool, steps: int) -> dict[str, Any]:
     op = Counted(HessianOperator(model, _loss(), data[0]))
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
-    spectral_density(op, runs=1, steps=steps, seed=0)
+    spectral_density(op, runs=1, steps=steps, seed=0, reorthogonalize=True)
     total = time.perf_counter() - t0
     out["sharpkit"] = {
         "products": op.num_matvecs,
@@ -447,6 +447,53 @@ def _memory_child(size: str, which: str, quick: bool, batch: dict[str, int], que
     queue.put(_peak_rss_mib() - base)
 
 
+def _budget_child(
+    size: str, max_basis: int, quick: bool, batch: dict[str, int], queue: Any
+) -> None:
+    torch.set_num_threads(1)
+    BATCH.update(batch)
+    model, data = setup(size, 1, quick)
+    tiny = nn.Linear(2, 2)
+    xt, yt = torch.ones(1, 2), torch.zeros(1, dtype=torch.long)
+    HessianOperator(tiny, _loss(), (xt, yt)).matvec(torch.ones(6))
+    base = _peak_rss_mib()
+    op = Counted(HessianOperator(model, _loss(), data[0]))
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = eigenvalues(op, k=5, tol=ACC, seed=0, max_basis=max_basis)
+    total = time.perf_counter() - t0
+    queue.put(
+        {
+            "max_basis": r.protocol.extra["max_basis"],
+            "thick_restarts": r.protocol.extra["thick_restarts"],
+            "products": r.num_matvecs,
+            "seconds": total,
+            "bookkeeping_share": 1 - op.seconds / total,
+            "eigenvalues": r.eigenvalues.tolist(),
+            "converged": r.converged,
+            "max_rel_residual": float(r.residuals.max() / r.ritz_values.abs().max()),
+            "peak_mib": _peak_rss_mib() - base,
+            "warnings": [str(w.message)[:160] for w in caught],
+        }
+    )
+
+
+def budget_rows(size: str, quick: bool, bases: list[int]) -> list[dict[str, Any]]:
+    """Top-5 at tol 1e-3 with a bounded Lanczos basis (thick restart), each in a fresh
+    process: products, time, explicit residuals and the peak memory."""
+    ctx = mp.get_context("spawn")
+    out = []
+    for b in bases:
+        q = ctx.Queue()
+        p = ctx.Process(target=_budget_child, args=(size, b, quick, dict(BATCH), q))
+        p.start()
+        out.append(q.get(timeout=3600))
+        p.join()
+        print(size, "max_basis", b, out[-1]["products"], f"{out[-1]['seconds']:.0f}s", flush=True)
+    return out
+
+
 def peak_memory_mb(size: str, which: str, quick: bool) -> float:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -551,7 +598,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--stages",
         default="products,eigs,trace,slq,bookkeeping,memory",
-        help="comma-separated subset of products,eigs,trace,slq,bookkeeping,memory",
+        help="comma-separated subset of products,eigs,trace,slq,bookkeeping,memory,budget",
+    )
+    ap.add_argument(
+        "--max-basis", default="12,20,32", help="the budget stage's Lanczos basis sizes"
     )
     ap.add_argument("--out", default=None)
     ap.add_argument("--batch", default="", help="per-model batch sizes, e.g. S=4,M=2")
@@ -604,6 +654,9 @@ def main(argv: list[str] | None = None) -> None:
                 m["slq"] = slq_rows(size, args.quick, steps)
             elif stage == "bookkeeping":
                 m["bookkeeping"] = bookkeeping_rows(size, args.quick, 30)
+            elif stage == "budget":
+                bases = [int(b) for b in args.max_basis.split(",")]
+                m["budget"] = budget_rows(size, args.quick, bases)
             elif stage == "memory":
                 m["peak_mb"] = {
                     w: peak_memory_mb(size, w, args.quick) for w in args.memory_peers.split(",")
@@ -666,9 +719,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"#### SLQ, one run of {steps} Lanczos steps (equal products)",
         "",
-        "| model | sharpkit (default: full reorthogonalisation) | its bookkeeping share | "
-        "sharpkit reorthogonalize=False | its bookkeeping share | pyhessian | eigenthings | "
-        "time ratio sharpkit / pyhessian (default; reorthogonalize=False) |",
+        "| model | sharpkit reorthogonalize=True | its bookkeeping share | "
+        "sharpkit reorthogonalize=False (the default) | its bookkeeping share | pyhessian | "
+        "eigenthings | time ratio sharpkit / pyhessian (reorthogonalize=True; False) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for size, m in measured.items():
@@ -703,6 +756,32 @@ def main(argv: list[str] | None = None) -> None:
                 b = m["bookkeeping"]
                 notes.append(
                     f"| {size} | {b['product_s']:.2f} | {b['bookkeeping_s']:.2f} | {b['share']:.1%} |"
+                )
+    if any("budget" in m for m in measured.values()):
+        notes += [
+            "",
+            f"#### Top-5 at tol {ACC:g} with a bounded Lanczos basis (max_basis vectors, "
+            "thick restart), each in a fresh process (1 thread)",
+            "",
+            "| model | max_basis | thick restarts | products (/ PyHessian's) | wall time | "
+            "converged (largest relative explicit residual) | error vs eigsh | "
+            "peak memory MiB (/ 3 reference products) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for size, m in measured.items():
+            ph = m.get("eigs", {}).get("top5", {}).get("pyhessian", {}).get("products")
+            ref = m.get("eigs", {}).get("eigsh")
+            ref_mb = m.get("peak_mb", {}).get("reference product")
+            for b in m.get("budget", []):
+                prod = f"{b['products']}" + (f" ({b['products'] / ph:.2f})" if ph else "")
+                err = f"{_rel(b['eigenvalues'], np.asarray(ref)):.1e}" if ref else "-"
+                mem = f"{b['peak_mib']:.0f}" + (
+                    f" ({b['peak_mib'] / ref_mb:.2f})" if ref_mb else ""
+                )
+                notes.append(
+                    f"| {size} | {b['max_basis']} | {b['thick_restarts']} | {prod} | "
+                    f"{b['seconds']:.0f}s | {b['converged']} ({b['max_rel_residual']:.1e}) | "
+                    f"{err} | {mem} |"
                 )
     if any("peak_mb" in m for m in measured.values()):
         notes += [

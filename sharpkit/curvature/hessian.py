@@ -34,7 +34,6 @@ References:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,6 +48,7 @@ from sharpkit._batch import (
     move_batch,
     weighting,
 )
+from sharpkit._device import available_memory
 from sharpkit._functional import (
     FrozenModel,
     RandomState,
@@ -110,36 +110,20 @@ def linearize_blocker(loss_fn: Any) -> str | None:
 
 #: The share of the device's available memory that the default cache budget may use.
 CACHE_SHARE = 0.25
-#: The budget where the available memory cannot be read (1 GiB).
-_FALLBACK_BUDGET = 1 << 30
 
 
 def default_cache_budget(device: torch.device | str) -> int:
     """The default memory budget (bytes) of the cached gradient graphs on ``device``.
 
-    A quarter (:data:`CACHE_SHARE`) of the memory available now: on CUDA the free
-    device memory (``torch.cuda.mem_get_info``), on the CPU the ``MemAvailable``
-    of ``/proc/meminfo`` (where it cannot be read, 1 GiB).
+    A quarter (:data:`CACHE_SHARE`) of the memory available now
+    (:func:`sharpkit._device.available_memory`: free device memory on CUDA,
+    ``MemAvailable`` on the CPU).
 
     Example:
         >>> default_cache_budget("cpu") > 0
         True
     """
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * CACHE_SHARE)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(int(line.split()[1]) * 1024 * CACHE_SHARE)
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * CACHE_SHARE)
-    except (ValueError, OSError, AttributeError):
-        return _FALLBACK_BUDGET
+    return int(available_memory(device) * CACHE_SHARE)
 
 
 def _check_cache_options(hvp: str, cache_graph: Any, cache_budget: Any) -> None:

@@ -18,6 +18,13 @@ estimate, :func:`eigenvalues` decides convergence on the explicit residual of th
 vectors it returns. ``T_m`` is diagonalised with LAPACK's symmetric tridiagonal
 solver (``scipy.linalg.eigh_tridiagonal``).
 
+The basis costs one stored vector per step. With ``max_basis`` (by default what a
+quarter of the available memory holds) :func:`eigenvalues` thick-restarts when the
+basis is full: it keeps the Ritz vectors nearest the wanted end and continues from
+the last residual (Wu and Simon 2000), so memory stays bounded at the price of more
+products. :func:`lanczos_tridiagonal` with ``reorthogonalize=False`` runs the plain
+recurrence on two vectors, which is all the spectral density needs.
+
 Both ends of the spectrum converge together, so ``which="smallest"`` finds
 negative eigenvalues however small their magnitude is relative to ``lambda_max``
 (power iteration with a shift cannot tell them from the bulk near zero).
@@ -27,11 +34,14 @@ References:
     Golub, Van Loan. Matrix Computations, 4th ed., sections 10.1-10.3.
     Ghorbani, Krishnan, Xiao. An investigation into neural net optimization via
     Hessian eigenvalue density. ICML 2019.
+    Wu, Simon. Thick-restart Lanczos method for large symmetric eigenvalue
+    problems. SIAM J. Matrix Anal. Appl. 22(2), 2000.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +50,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from sharpkit._device import available_memory
 from sharpkit._progress import progress_bar
 from sharpkit.curvature._linop import as_operator, gaussian, make_generator, operator_protocol
 from sharpkit.protocol import MeasurementProtocol, to_jsonable
@@ -86,8 +97,11 @@ class StackedBasis:
         device: storage device.
     """
 
-    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, dim: int, dtype: torch.dtype, device: torch.device, capacity: int | None = None
+    ) -> None:
         self.dim, self.dtype, self.device = dim, dtype, device
+        self.capacity = capacity
         self.blocks: list[torch.Tensor] = []
         self.rows = 0
         # w in the storage dtype, reused (a fresh allocation per product page-faults).
@@ -98,14 +112,45 @@ class StackedBasis:
 
     def append(self, q: torch.Tensor) -> torch.Tensor:
         """Store ``q`` (cast to the storage dtype) as the next row; return the stored row."""
-        if self.rows % _BLOCK_ROWS == 0:
-            self.blocks.append(
-                torch.empty(_BLOCK_ROWS, self.dim, dtype=self.dtype, device=self.device)
-            )
-        row = self.blocks[-1][self.rows % _BLOCK_ROWS]
+        if self.capacity is not None and self.rows >= self.capacity:
+            raise RuntimeError(f"StackedBasis: full ({self.capacity} rows)")
+        b, i = divmod(self.rows, _BLOCK_ROWS)
+        if b == len(self.blocks):
+            size = _BLOCK_ROWS
+            if self.capacity is not None:
+                size = min(size, self.capacity - b * _BLOCK_ROWS)
+            self.blocks.append(torch.empty(size, self.dim, dtype=self.dtype, device=self.device))
+        row = self.blocks[b][i]
         row.copy_(q)
         self.rows += 1
         return row
+
+    def rotate(self, coeffs: np.ndarray | torch.Tensor) -> None:
+        """Replace the rows by the ``l`` combinations ``Q^T coeffs`` (``coeffs``: rows x l).
+
+        The thick restart of :func:`eigenvalues` keeps its Ritz vectors this way. It
+        works in place a slice of ``_CHUNK_COLUMNS`` columns at a time (each slice of
+        the new rows depends only on the same slice of the old ones), in float64, so
+        it needs no second copy of the basis.
+        """
+        c = torch.as_tensor(coeffs, dtype=torch.float64, device=self.device)
+        if c.dim() != 2 or c.shape[0] != self.rows or c.shape[1] > self.rows:
+            raise ValueError(f"rotate: expected ({self.rows}, l <= {self.rows}) coefficients")
+        ct = c.T.contiguous()
+        keep = ct.shape[0]
+        parts = [
+            (bi * _BLOCK_ROWS, blk[: min(blk.shape[0], self.rows - bi * _BLOCK_ROWS)])
+            for bi, blk in enumerate(self.blocks)
+            if self.rows > bi * _BLOCK_ROWS
+        ]
+        for a in range(0, self.dim, _CHUNK_COLUMNS):
+            old = torch.cat([blk[:, a : a + _CHUNK_COLUMNS] for _, blk in parts]).double()
+            new = ct @ old
+            for r0, blk in parts:
+                if r0 < keep:
+                    m = min(blk.shape[0], keep - r0)
+                    blk[:m, a : a + _CHUNK_COLUMNS].copy_(new[r0 : r0 + m])
+        self.rows = keep
 
     def row(self, i: int) -> torch.Tensor:
         """Row ``i`` in the storage dtype (a view)."""
@@ -114,7 +159,9 @@ class StackedBasis:
     def _slices(self) -> Any:
         """``(first row, rows used, block)`` over the blocks, and the column slices."""
         for bi, block in enumerate(self.blocks):
-            used = min(_BLOCK_ROWS, self.rows - bi * _BLOCK_ROWS)
+            used = min(block.shape[0], self.rows - bi * _BLOCK_ROWS)
+            if used <= 0:
+                break  # blocks beyond the rows in use (kept after a rotation)
             for a in range(0, self.dim, _CHUNK_COLUMNS):
                 yield bi * _BLOCK_ROWS, block[:used, a : a + _CHUNK_COLUMNS], a
 
@@ -152,31 +199,74 @@ class StackedBasis:
         return w
 
 
-class _LastTwoRows:
-    """The two most recent Lanczos vectors only: :func:`lanczos_tridiagonal` without
-    reorthogonalisation (the three-term recurrence needs no more, and memory stays at
-    two vectors). Same interface as :class:`StackedBasis`; ``orthogonalise`` is a no-op."""
+def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``a . b`` accumulated in float64 without a float64 copy of either vector.
 
-    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        self._slots = torch.empty(2, dim, dtype=dtype, device=device)
-        self.rows = 0
+    float64 vectors: one dot. Others: dots of ``_CHUNK_COLUMNS``-long slices in the
+    storage dtype (one batched product), summed in float64 (as in StackedBasis).
+    """
+    if a.dtype == torch.float64:
+        return float(torch.dot(a, b))
+    n = a.numel()
+    rows = n // _CHUNK_COLUMNS
+    cut = rows * _CHUNK_COLUMNS
+    total = 0.0
+    if rows:
+        parts = torch.bmm(
+            a[:cut].view(rows, 1, _CHUNK_COLUMNS), b[:cut].view(rows, _CHUNK_COLUMNS, 1)
+        )
+        total = float(parts.sum(dtype=torch.float64))
+    if cut < n:
+        total += float(torch.dot(a[cut:], b[cut:]))
+    return total
 
-    def __len__(self) -> int:
-        return self.rows
 
-    def append(self, q: torch.Tensor) -> torch.Tensor:
-        row = self._slots[self.rows % 2]
-        row.copy_(q)
-        self.rows += 1
-        return row
+class _ReorthogonalisedStep:
+    """One Lanczos step with full reorthogonalisation: the engine of
+    :func:`lanczos_tridiagonal` and of the thick restart in :func:`eigenvalues`.
 
-    def row(self, i: int) -> torch.Tensor:
-        if i < self.rows - 2:
-            raise IndexError("row: only the last two Lanczos vectors are kept")
-        return self._slots[i % 2]
+    Holds the next vector ``q`` and the residual ``w`` as reused float64 work vectors
+    (fresh large allocations page-fault every step). A step stores ``q`` as the next
+    basis row, recomputes the recurrence on the stored (rounded) row, and returns
+    ``alpha = q^T H q`` and ``beta = ||w||`` after ``w`` is orthogonalised against the
+    whole basis.
+    """
 
-    def orthogonalise(self, w: torch.Tensor) -> torch.Tensor:
-        return w
+    def __init__(self, op: Any, basis: StackedBasis, v0: torch.Tensor) -> None:
+        self.op, self.basis = op, basis
+        self.q = v0.to(dtype=torch.float64, device=basis.device, copy=True)
+        self.q /= torch.linalg.vector_norm(self.q)
+        self.w = torch.empty_like(self.q)
+
+    def __call__(self, beta_prev: float) -> tuple[float, float]:
+        """The step; ``beta_prev`` couples the new row to the previous one (0: none)."""
+        basis, q, w = self.basis, self.q, self.w
+        j = len(basis)
+        stored = basis.append(q)
+        q.copy_(stored)  # the recurrence uses the vector H is applied to
+        w.copy_(self.op.matvec(stored))
+        a = float(torch.dot(q, w))
+        w.add_(q, alpha=-a)
+        if j > 0 and beta_prev > 0:
+            w.add_(basis.row(j - 1), alpha=-beta_prev)
+        basis.orthogonalise(w)
+        return a, float(torch.linalg.vector_norm(w))
+
+    def advance(self, beta: float) -> None:
+        """The next vector is the residual over its norm."""
+        torch.div(self.w, beta, out=self.q)
+
+    def fresh(self, gen: torch.Generator) -> None:
+        """The next vector is random, orthogonal to the basis (after a breakdown)."""
+        self.w.copy_(gaussian(self.basis.dim, gen, torch.float64, self.basis.device))
+        self.basis.orthogonalise(self.w)
+        torch.div(self.w, torch.linalg.vector_norm(self.w), out=self.q)
+
+
+def _broke(beta: float, scale: float, dtype: torch.dtype, dim: int) -> bool:
+    """Whether ``beta`` is rounding noise: an invariant subspace has been found."""
+    eps = torch.finfo(dtype).eps
+    return beta <= _BREAKDOWN_FACTOR * eps * max(scale, np.finfo(float).tiny) * np.sqrt(dim)
 
 
 @dataclasses.dataclass
@@ -185,7 +275,7 @@ class LanczosState:
 
     alpha: np.ndarray  # (m,) diagonal of T
     beta: np.ndarray  # (m,) beta[i] couples q_i and q_{i+1}; beta[-1] is the residual norm
-    basis: StackedBasis | _LastTwoRows  # rows q_1..q_m (the last two without reorthogonalisation)
+    basis: StackedBasis | None  # rows q_1..q_m (None without reorthogonalisation)
     restarts: int
     matvecs: int
 
@@ -225,55 +315,40 @@ def lanczos_tridiagonal(
     stopping rule is then consulted only once the new block has ``min_block_steps``
     steps.
 
-    ``reorthogonalize=False`` runs the plain three-term recurrence and keeps only
-    the last two vectors (no basis, no Ritz vectors): the bookkeeping of a step is a
-    few passes over one vector instead of two over all ``j`` stored ones. The
-    vectors then lose orthogonality as Ritz values converge and ``T`` acquires
+    ``reorthogonalize=False`` runs the plain three-term recurrence on vectors in
+    the operator's dtype, keeping only the last two (no basis, no Ritz vectors), with
+    the inner products accumulated in float64 slice by slice: the bookkeeping of a
+    step is a few passes over one vector instead of two over all ``j`` stored ones.
+    The vectors then lose orthogonality as Ritz values converge and ``T`` acquires
     copies ("ghosts") of them, but its Gauss quadrature of smooth functions stays
     accurate (Meurant and Strakos, Acta Numerica 2006): what SLQ needs, not what
     eigenvectors need. It cannot restart on breakdown.
     """
-    if not reorthogonalize and restart_on_breakdown:
-        raise ValueError(
-            "restart_on_breakdown: a restart needs the basis, so it needs reorthogonalize=True"
-        )
+    if not reorthogonalize:
+        if restart_on_breakdown:
+            raise ValueError(
+                "restart_on_breakdown: a restart needs the basis, so it needs reorthogonalize=True"
+            )
+        return _plain_tridiagonal(op, v0, max_steps, stop, progress, desc)
     dim = op.dim
-    dtype, device = op.dtype, op.device
     max_steps = min(max_steps, dim)
-    eps = torch.finfo(dtype).eps
-    basis: StackedBasis | _LastTwoRows = (
-        StackedBasis(dim, dtype, device) if reorthogonalize else _LastTwoRows(dim, dtype, device)
-    )
-    # Reused float64 work vectors (fresh large allocations page-fault every step).
-    q = v0.to(dtype=torch.float64, device=device, copy=True)
-    q /= torch.linalg.vector_norm(q)
-    w = torch.empty_like(q)
+    basis = StackedBasis(dim, op.dtype, op.device)
+    step = _ReorthogonalisedStep(op, basis, v0)
     alphas: list[float] = []
     betas: list[float] = []
     restarts = 0
-    matvecs = 0
     block_start = 0
     scale = 0.0
     bar = progress_bar(None, desc, enabled=progress, total=max_steps)
     for j in range(max_steps):
-        stored = basis.append(q)
-        q.copy_(stored)  # the recurrence uses the vector H is applied to
-        w.copy_(op.matvec(stored))
-        matvecs += 1
-        a = float(torch.dot(q, w))
+        a, b = step(betas[-1] if betas else 0.0)
         alphas.append(a)
-        w.add_(q, alpha=-a)
-        if j > 0 and betas[-1] > 0:
-            w.add_(basis.row(j - 1), alpha=-betas[-1])
-        basis.orthogonalise(w)
-        b = float(torch.linalg.vector_norm(w))
         scale = max(scale, abs(a), b)
         betas.append(b)
         bar.update(1)
         if j + 1 == max_steps:
             break
-        broke = b <= _BREAKDOWN_FACTOR * eps * max(scale, np.finfo(float).tiny) * np.sqrt(dim)
-        if broke:
+        if _broke(b, scale, op.dtype, dim):
             betas[-1] = 0.0
             if not restart_on_breakdown:
                 break
@@ -282,11 +357,9 @@ def lanczos_tridiagonal(
             # grow for min_block_steps before the stopping rule is consulted again.
             if gen is None:
                 raise ValueError("gen: a generator is needed to restart after breakdown")
-            w.copy_(gaussian(dim, gen, torch.float64, device))
-            basis.orthogonalise(w)
+            step.fresh(gen)
             restarts += 1
             block_start = j + 1
-            torch.div(w, torch.linalg.vector_norm(w), out=q)
             continue
         if (
             stop is not None
@@ -294,9 +367,163 @@ def lanczos_tridiagonal(
             and stop(np.asarray(alphas), np.asarray(betas))
         ):
             break
-        torch.div(w, b, out=q)
+        step.advance(b)
     bar.close()
-    return LanczosState(np.asarray(alphas), np.asarray(betas), basis, restarts, matvecs)
+    return LanczosState(np.asarray(alphas), np.asarray(betas), basis, restarts, len(alphas))
+
+
+def _plain_tridiagonal(
+    op: Any,
+    v0: torch.Tensor,
+    max_steps: int,
+    stop: Callable[[np.ndarray, np.ndarray], bool] | None,
+    progress: bool,
+    desc: str,
+) -> LanczosState:
+    """The three-term recurrence alone (``reorthogonalize=False``): two vectors in the
+    operator's dtype, float64 scalars; stops on breakdown."""
+    dim, dtype = op.dim, op.dtype
+    max_steps = min(max_steps, dim)
+    q = v0.to(device=op.device, dtype=torch.float64)
+    q = (q / torch.linalg.vector_norm(q)).to(dtype)
+    prev, r = torch.zeros_like(q), torch.empty_like(q)
+    alphas: list[float] = []
+    betas: list[float] = []
+    scale = 0.0
+    bar = progress_bar(None, desc, enabled=progress, total=max_steps)
+    for j in range(max_steps):
+        hq = op.matvec(q).to(dtype)
+        a = _dot64(q, hq)
+        torch.add(hq, q, alpha=-a, out=r)  # the operator's output is left as it was
+        del hq
+        if j > 0:
+            r.add_(prev, alpha=-betas[-1])
+        b = math.sqrt(max(_dot64(r, r), 0.0))
+        alphas.append(a)
+        betas.append(b)
+        scale = max(scale, abs(a), b)
+        bar.update(1)
+        if j + 1 == max_steps:
+            break
+        if _broke(b, scale, dtype, dim):
+            betas[-1] = 0.0
+            break
+        if stop is not None and stop(np.asarray(alphas), np.asarray(betas)):
+            break
+        torch.div(r, b, out=prev)
+        q, prev = prev, q
+    bar.close()
+    return LanczosState(np.asarray(alphas), np.asarray(betas), None, 0, len(alphas))
+
+
+@dataclasses.dataclass
+class _Ritz:
+    """What the eigenvalue drivers hand to :func:`eigenvalues`."""
+
+    theta: np.ndarray  # ascending Ritz values of the projected matrix
+    coeffs: np.ndarray  # (rows, n_wanted): the wanted Ritz vectors on the basis
+    idx: np.ndarray  # indices of the wanted values into theta, result order
+    ritz_res: np.ndarray  # Lanczos residual estimates of the wanted pairs
+    basis: StackedBasis
+    matvecs: int
+    restarts: int  # continuations after an invariant subspace
+    cycles: int  # thick restarts (0 without a basis budget)
+
+
+def _keep_count(n_wanted: int, max_basis: int) -> int:
+    """Ritz vectors kept at a thick restart: the wanted ones and half the free rows."""
+    return n_wanted + max(1, (max_basis - n_wanted) // 2)
+
+
+def _kept(theta: np.ndarray, keep: int, k: int, which: str) -> np.ndarray:
+    """Indices of the Ritz values kept at a restart: the ``keep`` nearest the wanted end
+    (for ``"both"``, split between the ends, each end at least its ``k``)."""
+    n = len(theta)
+    if which == "largest":
+        return np.arange(n - keep, n)
+    if which == "smallest":
+        return np.arange(keep)
+    top = keep // 2
+    return np.concatenate([np.arange(keep - top), np.arange(n - top, n)])
+
+
+def _thick_restart(
+    op: Any,
+    v0: torch.Tensor,
+    *,
+    k: int,
+    which: str,
+    tol: float,
+    max_iter: int,
+    max_basis: int,
+    gen: torch.Generator,
+    progress: bool,
+) -> _Ritz:
+    """Thick-restart Lanczos (Wu and Simon 2000) on a basis of at most ``max_basis`` rows.
+
+    While the basis has room this is :func:`lanczos_tridiagonal`. When it is full,
+    the ``l`` Ritz vectors nearest the wanted end replace it (:meth:`StackedBasis.rotate`)
+    and the last residual ``r = beta q_{m+1}`` becomes row ``l + 1``. The projected
+    matrix is then ``diag(theta_kept)`` bordered by the arrow ``s_i = beta s_i[m]``
+    (the Lanczos relation ``H Y = Y diag(theta) + r s^T`` of the kept pairs), followed
+    by the usual tridiagonal rows; the first step after a restart has its components
+    on the kept vectors removed by the full reorthogonalisation. Ritz residual
+    estimates keep their form ``beta |s_i[last]|``. The stopping rule is that of
+    :func:`eigenvalues`.
+    """
+    dim = op.dim
+    n_wanted = 2 * k if which == "both" else k
+    basis = StackedBasis(dim, op.dtype, op.device, capacity=max_basis)
+    step = _ReorthogonalisedStep(op, basis, v0)
+    T = np.zeros((max_basis, max_basis))
+    keep = _keep_count(n_wanted, max_basis)
+    kept = 0  # leading rows that are kept Ritz vectors (coupled through the arrow)
+    steps = restarts = cycles = block_start = 0
+    beta_prev = scale = 0.0
+    bar = progress_bar(None, "lanczos", enabled=progress, total=max_iter)
+    while True:
+        j = len(basis)
+        a, b = step(beta_prev if j > kept else 0.0)
+        steps += 1
+        bar.update(1)
+        T[j, j] = a
+        n = j + 1
+        scale = max(scale, abs(a), b)
+        broke = _broke(b, scale, op.dtype, dim)
+        if broke:
+            b = 0.0
+        theta, S = np.linalg.eigh(T[:n, :n])
+        idx = _wanted(theta, k, which)
+        res = np.abs(b * S[n - 1, idx])
+        if steps >= max_iter:
+            break
+        if (
+            not broke
+            and n >= n_wanted
+            and steps - block_start >= n_wanted
+            and np.all(res <= tol * np.max(np.abs(theta)))
+        ):
+            break
+        if n == max_basis:  # full: keep the best Ritz vectors, continue from the residual
+            sel = _kept(theta, keep, k, which)
+            basis.rotate(S[:, sel])
+            T.fill(0.0)
+            T[np.arange(keep), np.arange(keep)] = theta[sel]
+            T[keep, :keep] = T[:keep, keep] = b * S[n - 1, sel]
+            kept = keep
+            cycles += 1
+        else:
+            T[j, j + 1] = T[j + 1, j] = b
+        if broke:  # an invariant subspace: continue from a fresh direction
+            step.fresh(gen)
+            restarts += 1
+            block_start = steps
+            beta_prev = 0.0
+        else:
+            step.advance(b)
+            beta_prev = b
+    bar.close()
+    return _Ritz(theta, S[:, idx], idx, res, basis, steps, restarts, cycles)
 
 
 @dataclasses.dataclass
@@ -367,6 +594,7 @@ def eigenvalues(
     seed: int | torch.Generator | None = None,
     return_eigenvectors: bool = False,
     progress: bool = False,
+    max_basis: int | None = None,
 ) -> EigenResult:
     """The k largest and/or smallest eigenvalues of a symmetric operator (Lanczos).
 
@@ -409,6 +637,14 @@ def eigenvalues(
         seed: int, ``torch.Generator`` or ``None`` (a fresh seed, recorded).
         return_eigenvectors: also return the unit vectors (``dim x n`` columns).
         progress: show a tqdm bar over Lanczos steps.
+        max_basis: the most Lanczos vectors held at once (at least ``n_wanted + 3``).
+            A basis that would outgrow it is thick-restarted (Wu and Simon 2000): the
+            Ritz vectors nearest the wanted end are kept, the rest dropped, and the
+            iteration continues from the last residual, so memory stays at
+            ``max_basis`` vectors for more products. Default: as many vectors as a
+            quarter (:data:`BASIS_SHARE`) of the memory now available on the
+            operator's device holds (at least ``2 n_wanted + 8``), which for most
+            models means no restart.
 
     Returns:
         An :class:`EigenResult`. ``converged=False`` comes with a ``RuntimeWarning``
@@ -419,9 +655,9 @@ def eigenvalues(
         ValueError: ``k`` out of range, unknown ``which``, non-positive ``tol``.
 
     Note:
-        Memory: the basis holds one vector per step (``steps x dim`` values in the
-        operator's dtype, on its device), besides the operator's own needs and a
-        few float64 vectors of length ``dim``.
+        Memory: the basis holds one vector per step, up to ``max_basis``
+        (``dim`` values each in the operator's dtype, on its device), besides the
+        operator's own needs and a few float64 vectors of length ``dim``.
 
         Single-vector Lanczos sees one direction per eigenspace: an eigenvalue of
         multiplicity > 1 is reported once (its copies only appear through restarts
@@ -441,6 +677,8 @@ def eigenvalues(
         linear differential and integral operators. J. Res. NBS, 1950.
         Parlett. The Symmetric Eigenvalue Problem, 1998 (residual bounds, sections
         4.5 and 13.2; reorthogonalisation, chapter 13).
+        Wu, Simon. Thick-restart Lanczos method for large symmetric eigenvalue
+        problems. SIAM J. Matrix Anal. Appl. 22(2), 2000.
     """
     op = as_operator(op)
     if which not in _WHICH:
@@ -460,36 +698,20 @@ def eigenvalues(
         max_iter = min(op.dim, max(200, 20 * n_wanted))
     if not isinstance(max_iter, int) or max_iter < n_wanted:
         raise ValueError(f"max_iter: expected an integer >= {n_wanted}, got {max_iter!r}")
+    max_basis = _check_max_basis(max_basis, op, max_iter, n_wanted)
     gen, seed_used = make_generator(seed)
     v0 = gaussian(op.dim, gen, op.dtype, op.device)
-
-    def ritz_residuals(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, ...]:
-        theta, s = _tridiag_eigh(alpha, beta)
-        idx = _wanted(theta, k, which)
-        res = np.abs(beta[-1] * s[-1, idx])
-        if len(alpha) == op.dim:
-            res = np.zeros_like(res)  # a complete basis: T is similar to H
-        return theta, s, idx, res
-
-    def stop(alpha: np.ndarray, beta: np.ndarray) -> bool:
-        if len(alpha) < n_wanted:
-            return False
-        theta, _, _, res = ritz_residuals(alpha, beta)
-        return bool(np.all(res <= tol * np.max(np.abs(theta))))
-
-    state = lanczos_tridiagonal(
-        op,
-        v0,
-        max_iter,
-        gen=gen,
-        stop=stop,
-        min_block_steps=n_wanted,
-        progress=progress,
-        desc="lanczos",
-    )
-    theta, s, idx, ritz_res = ritz_residuals(state.alpha, state.beta)
+    if max_basis < min(max_iter, op.dim):
+        ritz = _thick_restart(
+            op, v0, k=k, which=which, tol=tol, max_iter=max_iter, max_basis=max_basis,
+            gen=gen, progress=progress,
+        )  # fmt: skip
+    else:
+        ritz = _unrestarted(op, v0, k=k, which=which, tol=tol, max_iter=max_iter, gen=gen,
+                            progress=progress)  # fmt: skip
+    theta, idx, ritz_res = ritz.theta, ritz.idx, ritz.ritz_res
     threshold = tol * float(np.max(np.abs(theta)))
-    rho, res, vectors = _explicit_pairs(op, state.basis, s[:, idx], return_eigenvectors)
+    rho, res, vectors = _explicit_pairs(op, ritz.basis, ritz.coeffs, return_eigenvectors)
     converged = bool(np.all(res <= threshold))
     if not converged:
         worst = float(np.max(res)) / float(np.max(np.abs(theta)))
@@ -510,15 +732,17 @@ def eigenvalues(
         proto,
         estimator="lanczos",
         seed=seed_used,
-        matvecs=state.matvecs + len(idx),
+        matvecs=ritz.matvecs + len(idx),
         extra={
             **proto.extra,
             "k": k,
             "which": which,
             "tol": tol,
             "max_iter": max_iter,
-            "steps": len(state.alpha),
-            "restarts": state.restarts,
+            "steps": ritz.matvecs,
+            "restarts": ritz.restarts,
+            "max_basis": max_basis,
+            "thick_restarts": ritz.cycles,
             "stopping_rule": (
                 "Lanczos estimate beta|s_m| <= tol * max|theta| for every wanted Ritz pair; "
                 "converged if the explicit ||H y - rho y|| <= tol * max|theta|"
@@ -530,12 +754,69 @@ def eigenvalues(
         eigenvalues=torch.as_tensor(rho, dtype=torch.float64),
         eigenvectors=vectors,
         residuals=torch.as_tensor(res, dtype=torch.float64),
-        num_matvecs=state.matvecs + len(idx),
+        num_matvecs=ritz.matvecs + len(idx),
         converged=converged,
         ritz_values=torch.as_tensor(theta[idx].copy(), dtype=torch.float64),
         ritz_residuals=torch.as_tensor(ritz_res, dtype=torch.float64),
         protocol=proto,
     )
+
+
+def _unrestarted(
+    op: Any,
+    v0: torch.Tensor,
+    *,
+    k: int,
+    which: str,
+    tol: float,
+    max_iter: int,
+    gen: torch.Generator,
+    progress: bool,
+) -> _Ritz:
+    """Lanczos on a basis that holds every step (:func:`lanczos_tridiagonal`)."""
+    n_wanted = 2 * k if which == "both" else k
+
+    def ritz_residuals(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, ...]:
+        theta, s = _tridiag_eigh(alpha, beta)
+        idx = _wanted(theta, k, which)
+        res = np.abs(beta[-1] * s[-1, idx])
+        if len(alpha) == op.dim:
+            res = np.zeros_like(res)  # a complete basis: T is similar to H
+        return theta, s, idx, res
+
+    def stop(alpha: np.ndarray, beta: np.ndarray) -> bool:
+        if len(alpha) < n_wanted:
+            return False
+        theta, _, _, res = ritz_residuals(alpha, beta)
+        return bool(np.all(res <= tol * np.max(np.abs(theta))))
+
+    state = lanczos_tridiagonal(
+        op, v0, max_iter, gen=gen, stop=stop, min_block_steps=n_wanted, progress=progress,
+        desc="lanczos",
+    )  # fmt: skip
+    theta, s, idx, res = ritz_residuals(state.alpha, state.beta)
+    assert state.basis is not None
+    return _Ritz(theta, s[:, idx], idx, res, state.basis, state.matvecs, state.restarts, 0)
+
+
+#: The share of the device's available memory the default Lanczos basis may use.
+BASIS_SHARE = 0.25
+
+
+def _check_max_basis(max_basis: Any, op: Any, max_iter: int, n_wanted: int) -> int:
+    """``max_basis`` checked, or its default: the rows a quarter (:data:`BASIS_SHARE`)
+    of the available memory holds, at least ``2 n_wanted + 8``, at most ``max_iter``."""
+    least = min(n_wanted + 3, op.dim)
+    if max_basis is None:
+        row = op.dim * torch.finfo(op.dtype).bits // 8
+        fits = int(available_memory(op.device) * BASIS_SHARE) // max(row, 1)
+        return min(max_iter, op.dim, max(fits, 2 * n_wanted + 8))
+    if isinstance(max_basis, bool) or not isinstance(max_basis, int) or max_basis < least:
+        raise ValueError(
+            f"max_basis: expected None or an integer >= {least} (the {n_wanted} wanted "
+            f"vectors and room to grow), got {max_basis!r}"
+        )
+    return min(max_basis, op.dim)
 
 
 def _explicit_pairs(
@@ -553,12 +834,14 @@ def _explicit_pairs(
     for i in range(coeffs.shape[1]):
         y = basis.combine(torch.as_tensor(coeffs[:, i]))
         y = (y / torch.linalg.vector_norm(y)).to(op.dtype)  # the vector returned
+        hy = op.matvec(y).to(torch.float64, copy=True)  # only y is held besides the product
         y64 = y.to(torch.float64)
         norm = torch.linalg.vector_norm(y64)
-        y64 = y64 / norm
-        hy = op.matvec(y).to(torch.float64) / norm
+        y64 /= norm
+        hy /= norm
         rho[i] = float(torch.dot(y64, hy))
-        res[i] = float(torch.linalg.vector_norm(hy - rho[i] * y64))
+        res[i] = float(torch.linalg.vector_norm(hy.sub_(y64, alpha=rho[i])))
+        del hy, y64
         if keep:
             kept.append(y)
     return rho, res, torch.stack(kept, dim=1) if keep else None

@@ -32,7 +32,8 @@ def _check(A: torch.Tensor, res, which: str, k: int, tol: float = 1e-6) -> None:
     scale = ref.abs().max()
     assert res.converged
     torch.testing.assert_close(res.eigenvalues, want, atol=REL * scale, rtol=0)
-    assert (res.residuals <= tol * res.eigenvalues.abs().max() * (1 + 1e-12)).all()
+    # converged: every explicit residual within tol * max|theta| <= tol * ||A||
+    assert (res.residuals <= tol * scale * (1 + 1e-12)).all()
     if res.eigenvectors is not None:
         Y = res.eigenvectors
         true_res = torch.linalg.vector_norm(A @ Y - Y * res.eigenvalues, dim=0)
@@ -260,3 +261,138 @@ def test_stacked_basis_products_match_dense(monkeypatch, dtype) -> None:
     r = basis.orthogonalise(w.clone())
     torch.testing.assert_close(Q @ r, torch.zeros(10, dtype=F64), atol=atol, rtol=0)
     torch.testing.assert_close(r, w - Q.T @ (Q @ w), atol=atol, rtol=0)
+
+
+# ---------------------------------------------------------------- thick restart (max_basis)
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "both"])
+@pytest.mark.parametrize("max_basis", [9, 12])
+def test_thick_restart_matches_dense(which: str, max_basis: int) -> None:
+    # 150 x 150, spectrum with a few separated values at both ends: a basis of 9 or
+    # 12 vectors must restart several times and still give the dense answer, with
+    # residuals that are the vectors' true ones and never more than max_basis rows.
+    g = torch.Generator().manual_seed(3)
+    bulk = torch.rand(142, generator=g, dtype=F64) * 4 - 2
+    eigs = torch.cat([torch.tensor([9.0, 8.0, 7.2, 6.9, -6.0, -5.1, -4.7, -4.4], dtype=F64), bulk])
+    A = _matrix(eigs, 3)
+    res = eigenvalues(A, k=3, which=which, seed=0, max_basis=max_basis, return_eigenvectors=True)
+    _check(A, res, which, 3)
+    extra = res.protocol.extra
+    assert extra["max_basis"] == max_basis and extra["thick_restarts"] >= 1
+
+
+def test_thick_restart_keeps_the_basis_within_max_basis(monkeypatch) -> None:
+    from sharpkit.curvature import lanczos
+
+    made = []
+    real = lanczos.StackedBasis
+
+    class Recording(real):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(lanczos, "StackedBasis", Recording)
+    A = _matrix(torch.linspace(-1.0, 3.0, 300) ** 3, 1)
+    res = eigenvalues(A, k=2, seed=0, max_basis=9)
+    assert res.converged and res.protocol.extra["thick_restarts"] >= 1
+    (basis,) = made
+    assert sum(b.shape[0] for b in basis.blocks) == 9
+    ref = torch.linalg.eigvalsh(A).flip(0)[:2]
+    torch.testing.assert_close(res.eigenvalues, ref, atol=REL * ref[0], rtol=0)
+
+
+def test_thick_restart_repeated_eigenvalue_after_breakdown() -> None:
+    # A restart on an invariant subspace combined with a bounded basis.
+    A = torch.diag(torch.tensor([5.0, 5.0, 3.0] + [1.0] * 37, dtype=F64))
+    res = eigenvalues(A, k=2, seed=0, max_basis=6)
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([5.0, 5.0], dtype=F64))
+    assert res.protocol.extra["restarts"] >= 1
+
+
+def test_default_basis_follows_the_memory_budget(monkeypatch) -> None:
+    # With little memory available the default basis is small (restarts happen);
+    # with plenty it holds every step (no restart). Same answer either way.
+    from sharpkit.curvature import lanczos
+
+    A = _matrix(torch.linspace(-1.0, 3.0, 300) ** 3, 2)
+    ref = torch.linalg.eigvalsh(A).flip(0)[:2]
+    monkeypatch.setattr(lanczos, "available_memory", lambda device: 300 * 8 * 4 * 12)
+    small = eigenvalues(A, k=2, seed=0)
+    assert small.protocol.extra["max_basis"] == 12 and small.protocol.extra["thick_restarts"] >= 1
+    monkeypatch.setattr(lanczos, "available_memory", lambda device: 1 << 40)
+    big = eigenvalues(A, k=2, seed=0)
+    assert big.protocol.extra["thick_restarts"] == 0
+    for r in (small, big):
+        assert r.converged
+        torch.testing.assert_close(r.eigenvalues, ref, atol=REL * ref[0], rtol=0)
+
+
+@pytest.mark.parametrize("bad", [0, 4, 2.5, True, "10"])
+def test_bad_max_basis_is_refused_before_any_compute(bad) -> None:
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    op_calls = []
+
+    class Op:
+        dim, dtype, device, num_matvecs = 50, F64, torch.device("cpu"), 0
+
+        def matvec(self, v):
+            op_calls.append(1)
+            return v
+
+    with pytest.raises(ValueError, match="max_basis"):
+        eigenvalues(Op(), k=2, seed=gen, max_basis=bad)
+    assert not op_calls and torch.equal(gen.get_state(), state)
+
+
+def test_stacked_basis_rotate_and_capacity(monkeypatch) -> None:
+    from sharpkit.curvature import lanczos
+
+    monkeypatch.setattr(lanczos, "_CHUNK_COLUMNS", 7)
+    monkeypatch.setattr(lanczos, "_BLOCK_ROWS", 4)
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(30, 10, generator=g, dtype=F64))
+    basis = lanczos.StackedBasis(30, F64, torch.device("cpu"), capacity=10)
+    for row in q.T:
+        basis.append(row)
+    assert [b.shape[0] for b in basis.blocks] == [4, 4, 2]
+    with pytest.raises(RuntimeError, match="full"):
+        basis.append(q[:, 0])
+    s, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=F64))
+    basis.rotate(s[:, :6])
+    assert len(basis) == 6
+    got = torch.stack([basis.row(i) for i in range(6)])
+    torch.testing.assert_close(got, (q @ s[:, :6]).T, atol=1e-13, rtol=0)
+    # rows beyond the kept ones are reused, and products see only the kept rows
+    basis.append(q[:, 0])
+    assert len(basis) == 7 and len(basis.blocks) == 3
+    w = torch.randn(30, generator=g, dtype=F64)
+    Q = torch.stack([basis.row(i) for i in range(7)])
+    torch.testing.assert_close(basis.coefficients(w), Q @ w, atol=1e-12, rtol=0)
+
+
+@pytest.mark.slow
+def test_float32_at_scale_with_a_small_basis_against_eigsh() -> None:
+    # The at-scale float32 case with a basis of 8 vectors (thick restarts): the same
+    # accuracy against eigsh, and residuals that are the vectors' own.
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    op = _LowRankPlusDiagonal(200_000)
+    res = eigenvalues(op, k=5, tol=1e-5, seed=0, max_basis=8, return_eigenvectors=True)
+    assert res.protocol.extra["thick_restarts"] >= 1 and res.converged
+    lin = LinearOperator(
+        (op.dim, op.dim),
+        matvec=lambda v: op.matvec(torch.as_tensor(v).float()).double().numpy(),
+        dtype=np.float64,
+    )
+    ref = torch.as_tensor(np.sort(eigsh(lin, k=5, which="LA", tol=1e-10)[0])[::-1].copy())
+    scale = float(ref[0])
+    torch.testing.assert_close(res.eigenvalues, ref, atol=2e-6 * scale, rtol=0)
+    y = res.eigenvectors.double()
+    y = y / torch.linalg.vector_norm(y, dim=0)
+    hy = torch.stack([op.matvec64(c) for c in y.T], dim=1)
+    true_res = torch.linalg.vector_norm(hy - y * (y * hy).sum(0), dim=0)
+    torch.testing.assert_close(res.residuals, true_res, atol=2e-7 * scale, rtol=0)
