@@ -28,6 +28,7 @@ overrides only the hooks that are its own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import operator
 import warnings
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
 
 __all__ = [
     "BatchDrivenSAM",
@@ -167,6 +169,18 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
         dtype = torch.promote_types(dtype, n.dtype)
     dev = norms[0].device
     return torch.linalg.vector_norm(torch.stack([n.to(device=dev, dtype=dtype) for n in norms]))
+
+
+def _step_observed(opt: Optimizer) -> bool:
+    """Whether anything observes ``opt.step()`` besides its result: a step hook
+    (the optimizer's own or a global one) or a running profiler."""
+    return bool(
+        getattr(opt, "_optimizer_step_pre_hooks", True)
+        or getattr(opt, "_optimizer_step_post_hooks", True)
+        or getattr(_torch_optimizer, "_global_optimizer_pre_hooks", True)
+        or getattr(_torch_optimizer, "_global_optimizer_post_hooks", True)
+        or torch.autograd._profiler_enabled()
+    )
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -310,13 +324,15 @@ def check_loss(loss: Any, reduction: str, n: int | None, where: str) -> torch.Te
 
 
 class _StateSnapshot:
-    """Copies of the base optimizer's per-parameter state, in reusable storage.
+    """Copies of the base optimizer's per-parameter state (and of weights), in reusable storage.
 
     ``save`` keeps a shallow copy of each parameter's state dict (its keys and
     non-tensor values, and which tensor objects it held) and copies the values of
-    those tensors into storage kept between steps; ``restore`` puts the dicts back
-    and copies the values back into the same tensor objects, so references held
-    elsewhere (a scheduler, a user) see the restored values.
+    those tensors, and of the ``weights`` it is given, into storage kept between
+    steps, in one fused copy; ``restore`` puts the dicts back and copies the values
+    back into the same tensor objects, so references held elsewhere (a scheduler,
+    a user) see the restored values. Both run under ``torch.no_grad()`` (the
+    weights are leaves that require gradients).
     """
 
     def __init__(self) -> None:
@@ -324,10 +340,11 @@ class _StateSnapshot:
         self._src: list[torch.Tensor] = []
         self._dst: list[torch.Tensor] = []
 
-    @torch.no_grad()
-    def save(self, state: dict[Any, dict[str, Any]]) -> None:
+    def save(self, state: dict[Any, dict[str, Any]], weights: list[torch.Tensor]) -> None:
         self._dicts = [(p, dict(s)) for p, s in state.items()]
-        src = [v for _, d in self._dicts for v in d.values() if isinstance(v, torch.Tensor)]
+        src = weights + [
+            v for _, d in self._dicts for v in d.values() if isinstance(v, torch.Tensor)
+        ]
         if len(src) == len(self._src) and all(map(operator.is_, src, self._src)):
             if src:
                 torch._foreach_copy_(self._dst, src)
@@ -423,6 +440,8 @@ class WrappedOptimizer(Optimizer):
         self._weights_saved = False
         self._state_snapshot = _StateSnapshot()
         self._state_saved = False
+        #: the clean pass's parameters with a gradient, per group (during a step)
+        self._clean_groups: list[tuple[dict[str, Any], list[torch.Tensor]]] | None = None
         super().__init__(params, defaults)
         try:
             base = base_optimizer(self.param_groups, **base_kwargs)
@@ -574,12 +593,15 @@ class WrappedOptimizer(Optimizer):
     def _all_grads(self) -> list[torch.Tensor]:
         return [p.grad for _, ps in self._params_with_grad() for p in ps]
 
-    def _require_grads(self, where: str) -> None:
-        if not self._all_grads():
+    def _require_grads(self, where: str) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
+        """:meth:`_params_with_grad`, refusing a step where no parameter has a gradient."""
+        groups = self._params_with_grad()
+        if not any(ps for _, ps in groups):
             raise RuntimeError(
                 f"{type(self).__name__}: no parameter has a gradient after {where}; "
                 "the closure must compute the loss and call loss.backward()"
             )
+        return groups
 
     def _scratch(self, key: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
         """Reusable uninitialised tensors shaped like ``like`` (kept between steps)."""
@@ -596,6 +618,50 @@ class WrappedOptimizer(Optimizer):
             bufs = [torch.empty_like(t) for t in like]
             store[key] = bufs
         return bufs
+
+    # -- torch.optim's step wrapper -------------------------------------------------
+
+    @staticmethod
+    def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
+        """torch.optim's step wrapper, entered only when something can observe it.
+
+        torch wraps every optimizer class's ``step`` (this method is where
+        ``Optimizer`` gets the wrapper from) to run the step hooks
+        (:meth:`~torch.optim.Optimizer.register_step_pre_hook`, ``..._post_hook``
+        and the global ones) inside a ``record_function`` profiler label. Here that
+        wrapper runs whenever a hook is registered or a profiler is running;
+        otherwise ``func`` is called directly, because an idle ``record_function``
+        still slows every operation inside it.
+        """
+        traced = Optimizer.profile_hook_step(func)
+
+        @functools.wraps(func)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            self = args[0]
+            if _step_observed(self):
+                return traced(*args, **kwargs)
+            out = func(*args, **kwargs)
+            self._optimizer_step_code()
+            return out
+
+        return step
+
+    def _base_optimizer_step(self) -> None:
+        """``base_optimizer.step()``; its own step wrapper (hooks, profiler label) is
+        skipped when nothing can observe it, as :meth:`profile_hook_step` does."""
+        base = self.base_optimizer
+        step = type(base).step
+        unwrapped = getattr(step, "__wrapped__", None)
+        if (
+            unwrapped is None
+            or not getattr(step, "hooked", False)
+            or "step" in vars(base)  # replaced on the instance (a test, a scheduler)
+            or _step_observed(base)
+        ):
+            base.step()
+            return
+        unwrapped(base)
+        base._optimizer_step_code()
 
     # -- the transaction: weights, buffers, optimizer state ------------------------
 
@@ -642,6 +708,7 @@ class WrappedOptimizer(Optimizer):
         self._weights_saved = False
         self._state_saved = False
         self._extra_snapshot = None
+        self._clean_groups = None
 
     def _save_extra(self) -> Any:
         """Hook: snapshot extra mutable state (a random generator...) at the step's start."""
@@ -767,7 +834,8 @@ class WrappedOptimizer(Optimizer):
         """Leave ``g = grad L(w)`` in ``.grad``; return the loss at ``w``."""
         assert oracle is not None
         loss = oracle.backward(self, "at w")
-        self._require_grads("calling the closure at w" if oracle.is_closure else "loss_fn at w")
+        where = "calling the closure at w" if oracle.is_closure else "loss_fn at w"
+        self._clean_groups = self._require_grads(where)
         return loss
 
     def _perturbation(self, oracle: Oracle | None) -> None:
@@ -781,15 +849,24 @@ class WrappedOptimizer(Optimizer):
         """Hook: the step was taken (advance counters)."""
 
     def _guarded_base_step(self) -> bool:
-        """The base step inside the transaction: weights and state saved first, so a
+        """The base step inside the transaction: the weights (unless the perturbation
+        saved them) and the optimizer state are copied first, in one fused copy, so a
         base step that raises midway is undone exactly. ``False`` if skipped."""
-        if not self._weights_saved:
-            self._save_weights([p for _, ps in self._params_with_grad() for p in ps])
-        self._state_snapshot.save(self.state)
-        self._state_saved = True
-        return self._base_step()
+        weights = [] if self._weights_saved else self._step_params()
+        with torch.no_grad():
+            self._save_state(weights)
+            return self._base_step()
 
-    @torch.no_grad()
+    def _step_params(self) -> list[torch.Tensor]:
+        """The parameters the base step updates: those holding a gradient."""
+        return [p for _, ps in self._params_with_grad() for p in ps]
+
+    def _save_state(self, weights: list[torch.Tensor]) -> None:
+        """Snapshot the optimizer state and ``weights`` (under ``torch.no_grad()``);
+        a rollback restores both."""
+        self._state_snapshot.save(self.state, weights)
+        self._state_saved = True
+
     def _base_step(self, check_finite: bool = True) -> bool:
         """Apply the base optimizer's step to the current gradients.
 
@@ -805,7 +882,7 @@ class WrappedOptimizer(Optimizer):
             if grad_scale is not None:
                 grads = self._all_grads()
                 torch._foreach_div_(grads, grad_scale.to(grads[0].device))
-            self.base_optimizer.step()
+            self._base_optimizer_step()
             return True
         grads = self._all_grads() if check_finite else []
         if grads and not bool(torch.isfinite(global_norm(grads))):
@@ -816,7 +893,7 @@ class WrappedOptimizer(Optimizer):
                 stacklevel=4,
             )
             return False
-        self.base_optimizer.step()
+        self._base_optimizer_step()
         return True
 
 

@@ -271,7 +271,8 @@ class BAR(WrappedOptimizer):
         gradients already in ``.grad`` (torch.optim's convention)."""
         if oracle is not None:
             return super()._clean_gradient(oracle)
-        if not self._all_grads():
+        self._clean_groups = self._params_with_grad()
+        if not any(ps for _, ps in self._clean_groups):
             raise TypeError(
                 "BAR.step(): no parameter has a gradient; call loss.backward() before "
                 "step(), or pass a closure that does (or loss_fn=... and batch=...)"
@@ -284,24 +285,27 @@ class BAR(WrappedOptimizer):
         if found_inf is not None and float(found_inf) != 0.0:
             raise SkipStep(None)  # the scaler skips the step (and lowers its scale)
         factor_ids = self._group_layout()[2]
-        rest = [p.grad for _, ps in self._params_with_grad() for p in ps if id(p) not in factor_ids]
+        assert self._clean_groups is not None
+        rest = [p.grad for _, ps in self._clean_groups for p in ps if id(p) not in factor_ids]
         plan = self._scaling(rest, check_finite=found_inf is None)
         if plan is None:
             raise SkipStep("non-finite gradient")
         self._plan = plan
 
+    def _step_params(self) -> list[torch.Tensor]:
+        assert self._clean_groups is not None  # no second pass: the clean gradients step
+        return [p for _, ps in self._clean_groups for p in ps]
+
     def _guarded_base_step(self) -> bool:
         """Scale the pairs, then the base step, inside the transaction (restored
         from the copy, never by dividing, if anything raises)."""
-        self._save_weights([p for _, ps in self._params_with_grad() for p in ps])
-        self._state_snapshot.save(self.state)
-        self._state_saved = True
         tensors, scales = self._plan
         self._plan = ([], [])
-        if tensors:
-            with torch.no_grad():
+        with torch.no_grad():
+            self._save_state(self._step_params())  # the weights and the state, one copy
+            if tensors:
                 torch._foreach_mul_(tensors, scales)
-        return self._base_step(check_finite=False)  # finiteness was checked with the norms
+            return self._base_step(check_finite=False)  # finiteness was checked with the norms
 
     def _committed(self) -> None:
         self._bar_step += 1

@@ -1,0 +1,108 @@
+"""torch.optim's step hooks and profiler label on sharpkit optimizers.
+
+The wrapper skips torch's step wrapper (hooks, ``record_function`` label) when
+nothing observes it, on itself and on its base optimizer; these tests check that
+whatever is observed still is, and that both ways take the same step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from sharpkit.balance import LoRALinear
+from sharpkit.optim import BAR, SAM
+
+
+def _net() -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(LoRALinear(4, 4, rank=2, alpha=2.0, generator=g))
+    nn.init.normal_(net[0].lora_B, std=1.0, generator=g)
+    return net
+
+
+_BUILD: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+    "BAR": lambda m: BAR(m.parameters(), torch.optim.AdamW, mu0=0.5, model=m, lr=0.01),
+    "SAM": lambda m: SAM(m.parameters(), torch.optim.AdamW, rho=0.05, model=m, lr=0.01),
+}
+
+
+def _closure(net: nn.Module) -> Callable[[], torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
+
+    def closure() -> torch.Tensor:
+        loss = nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _run(name: str, register: Callable[[torch.optim.Optimizer], None] | None = None):
+    net = _net()
+    opt = _BUILD[name](net)
+    if register is not None:
+        register(opt)
+    closure = _closure(net)
+    losses = [opt.step(closure) for _ in range(3)]
+    return [p.detach().clone() for p in net.parameters()], losses
+
+
+@pytest.mark.parametrize("name", sorted(_BUILD))
+def test_hooks_on_the_wrapper_and_on_the_base_fire_once_per_step(name: str) -> None:
+    calls: list[str] = []
+
+    def register(opt: torch.optim.Optimizer) -> None:
+        opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+        opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+        opt.base_optimizer.register_step_post_hook(lambda o, a, k: calls.append("base"))
+
+    hooked, hooked_losses = _run(name, register)
+    assert calls == ["pre", "base", "post"] * 3
+    plain, plain_losses = _run(name)  # the unobserved path takes the same steps
+    assert all(torch.equal(a, b) for a, b in zip(hooked, plain))
+    assert all(torch.equal(a, b) for a, b in zip(hooked_losses, plain_losses))
+
+
+def test_a_pre_hook_can_replace_the_step_arguments() -> None:
+    net = _net()
+    opt = _BUILD["BAR"](net)
+    closure = _closure(net)
+    seen: list[bool] = []
+
+    def swap(o, args, kwargs):  # type: ignore[no-untyped-def]
+        def counted() -> torch.Tensor:
+            seen.append(True)
+            return closure()
+
+        return (args[0],), {"closure": counted}
+
+    opt.register_step_pre_hook(swap)
+    loss = opt.step(None)  # without the hook this is a closure-less step with no gradients
+    assert seen == [True] and loss is not None and opt.bar_step == 1
+
+
+def test_global_hooks_fire_on_the_wrapper_and_the_base() -> None:
+    seen: list[str] = []
+    handle = register_optimizer_step_post_hook(lambda o, a, k: seen.append(type(o).__name__))
+    try:
+        _run("BAR")
+    finally:
+        handle.remove()
+    assert seen == ["AdamW", "BAR"] * 3
+
+
+def test_the_profiler_sees_the_step_labels() -> None:
+    net = _net()
+    opt = _BUILD["BAR"](net)
+    closure = _closure(net)
+    opt.step(closure)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step(closure)
+    names = {e.name for e in prof.events()}
+    assert {"Optimizer.step#BAR.step", "Optimizer.step#AdamW.step"} <= names
