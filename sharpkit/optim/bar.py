@@ -315,22 +315,25 @@ class BAR(WrappedOptimizer):
     ) -> tuple[list[torch.Tensor], list[float]] | None:
         """The factors to scale and their multipliers; ``None`` if a gradient is not finite."""
         gx_idx, gy_idx, _ = self._group_layout()
-        active = [
-            i for i, p in enumerate(self.pairs) if p.x.grad is not None and p.y.grad is not None
-        ]
+        pairs = self.pairs
+        active = [i for i, p in enumerate(pairs) if p.x.grad is not None and p.y.grad is not None]
         factor = schedule_factor(self.schedule, self._bar_step, self.total_steps)
         coefs = [g["mu0"] * factor * float(g["lr"]) for g in self.param_groups]
-        need_scaling = any(coefs[gx_idx[i]] != 0.0 or coefs[gy_idx[i]] != 0.0 for i in active)
+        cx = [coefs[gx_idx[i]] for i in active]
+        cy = [coefs[gy_idx[i]] for i in active]
+        need_scaling = any(cx) or any(cy)  # a coefficient is a finite float (validated)
         if not need_scaling and not check_finite:
             return [], []
         # one fused norm pass over the pair gradients (first), the other gradients
         # (finiteness) and, for oBAR, the factors themselves; one host sync.
-        to_norm = [self.pairs[i].x.grad for i in active] + [self.pairs[i].y.grad for i in active]
+        xs = [pairs[i].x for i in active]
+        ys = [pairs[i].y for i in active]
+        to_norm = [x.grad for x in xs] + [y.grad for y in ys]
         if check_finite:
             to_norm += rest
         n_active = len(active)
         if need_scaling and self.variant == "obar":
-            to_norm += [self.pairs[i].x for i in active] + [self.pairs[i].y for i in active]
+            to_norm += xs + ys
         if not to_norm:
             return [], []
         norms = _stack_norms(torch._foreach_norm(to_norm))
@@ -349,17 +352,16 @@ class BAR(WrappedOptimizer):
         sign = bar_signs(self.variant, first_h, second_h)  # the one rule (balance.rules)
         tensors: list[torch.Tensor] = []
         scales: list[float] = []
-        for k, i in enumerate(active):
+        for k in range(n_active):
             if gxn[k] == 0.0 and gyn[k] == 0.0:
                 continue  # zero gradient: SAM's drift vanishes, so does BAR's
             s = sign[k]
-            cx, cy = coefs[gx_idx[i]], coefs[gy_idx[i]]
-            if cx != 0.0:
-                tensors.append(self.pairs[i].x)
-                scales.append(1.0 + s * cx)
-            if cy != 0.0:
-                tensors.append(self.pairs[i].y)
-                scales.append(1.0 - s * cy)
+            if cx[k] != 0.0:
+                tensors.append(xs[k])
+                scales.append(1.0 + s * cx[k])
+            if cy[k] != 0.0:
+                tensors.append(ys[k])
+                scales.append(1.0 - s * cy[k])
         return tensors, scales
 
 
