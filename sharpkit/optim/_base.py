@@ -171,6 +171,10 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(device=dev, dtype=dtype) for n in norms]))
 
 
+#: the code of torch's step wrapper (``Optimizer.profile_hook_step``), to recognise it
+_TORCH_STEP_WRAPPER = Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
+
+
 def _step_observed(opt: Optimizer) -> bool:
     """Whether anything observes ``opt.step()`` besides its result: a step hook
     (the optimizer's own or a global one) or a running profiler."""
@@ -653,8 +657,8 @@ class WrappedOptimizer(Optimizer):
         step = type(base).step
         unwrapped = getattr(step, "__wrapped__", None)
         if (
-            unwrapped is None
-            or not getattr(step, "hooked", False)
+            getattr(step, "__code__", None) is not _TORCH_STEP_WRAPPER  # decorated again
+            or unwrapped is None
             or "step" in vars(base)  # replaced on the instance (a test, a scheduler)
             or _step_observed(base)
         ):

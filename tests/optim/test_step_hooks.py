@@ -7,6 +7,7 @@ whatever is observed still is, and that both ways take the same step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -106,3 +107,26 @@ def test_the_profiler_sees_the_step_labels() -> None:
         opt.step(closure)
     names = {e.name for e in prof.events()}
     assert {"Optimizer.step#BAR.step", "Optimizer.step#AdamW.step"} <= names
+
+
+def test_a_base_step_decorated_or_replaced_after_torch_wrapped_it_still_runs() -> None:
+    class CountedSGD(torch.optim.SGD):
+        pass
+
+    net = _net()
+    opt = BAR(net.parameters(), CountedSGD, mu0=0.5, model=net, lr=0.1)
+    wrapped = CountedSGD.step  # torch's wrapper, installed at construction
+    calls: list[str] = []
+
+    @functools.wraps(wrapped)  # copies torch's attributes: it looks like the wrapper
+    def decorated(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append("class")
+        return wrapped(self, *args, **kwargs)
+
+    CountedSGD.step = decorated  # type: ignore[method-assign]
+    closure = _closure(net)
+    opt.step(closure)
+    base = opt.base_optimizer
+    base.step = lambda *a, **k: (calls.append("instance"), decorated(base, *a, **k))[1]
+    opt.step(closure)
+    assert calls == ["class", "instance", "class"] and opt.bar_step == 2
