@@ -179,10 +179,10 @@ def _step_observed(opt: Optimizer) -> bool:
     """Whether anything observes ``opt.step()`` besides its result: a step hook
     (the optimizer's own or a global one) or a running profiler."""
     return bool(
-        getattr(opt, "_optimizer_step_pre_hooks", True)
-        or getattr(opt, "_optimizer_step_post_hooks", True)
-        or getattr(_torch_optimizer, "_global_optimizer_pre_hooks", True)
-        or getattr(_torch_optimizer, "_global_optimizer_post_hooks", True)
+        opt._optimizer_step_pre_hooks
+        or opt._optimizer_step_post_hooks
+        or _torch_optimizer._global_optimizer_pre_hooks
+        or _torch_optimizer._global_optimizer_post_hooks
         or torch.autograd._profiler_enabled()
     )
 
@@ -627,32 +627,48 @@ class WrappedOptimizer(Optimizer):
 
     @staticmethod
     def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
-        """torch.optim's step wrapper, entered only when something can observe it.
+        """The step wrapper ``Optimizer`` installs on every optimizer class's ``step``.
 
-        torch wraps every optimizer class's ``step`` (this method is where
-        ``Optimizer`` gets the wrapper from) to run the step hooks
-        (:meth:`~torch.optim.Optimizer.register_step_pre_hook`, ``..._post_hook``
-        and the global ones) inside a ``record_function`` profiler label. Here that
-        wrapper runs whenever a hook is registered or a profiler is running;
-        otherwise ``func`` is called directly, because an idle ``record_function``
-        still slows every operation inside it.
+        Like torch's own, it runs the step hooks around ``func``: the global and then
+        the optimizer's pre-hooks (:meth:`~torch.optim.Optimizer.register_step_pre_hook`;
+        one may return new ``(args, kwargs)``), then the optimizer's and the global
+        post-hooks, all inside a ``record_function`` profiler label. Unlike torch's,
+        it calls ``func`` directly when no hook is registered and no profiler runs,
+        because an idle ``record_function`` still slows every operation inside it.
         """
-        traced = Optimizer.profile_hook_step(func)
 
         @functools.wraps(func)
         def step(*args: Any, **kwargs: Any) -> Any:
             self = args[0]
-            if _step_observed(self):
-                return traced(*args, **kwargs)
-            out = func(*args, **kwargs)
-            self._optimizer_step_code()
-            return out
+            if not _step_observed(self):
+                out = func(*args, **kwargs)
+                self._optimizer_step_code()
+                return out
+            label = f"Optimizer.step#{type(self).__name__}.step"
+            with torch.autograd.profiler.record_function(label):
+                pre = _torch_optimizer._global_optimizer_pre_hooks
+                for hook in [*pre.values(), *self._optimizer_step_pre_hooks.values()]:
+                    result = hook(self, args, kwargs)
+                    if result is None:
+                        continue
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"step pre-hook {hook!r} must return None or a tuple "
+                            f"(new_args, new_kwargs), got {result!r}"
+                        )
+                    args, kwargs = result
+                out = func(*args, **kwargs)
+                self._optimizer_step_code()
+                post = _torch_optimizer._global_optimizer_post_hooks
+                for hook in [*self._optimizer_step_post_hooks.values(), *post.values()]:
+                    hook(self, args, kwargs)
+                return out
 
         return step
 
     def _base_optimizer_step(self) -> None:
-        """``base_optimizer.step()``; its own step wrapper (hooks, profiler label) is
-        skipped when nothing can observe it, as :meth:`profile_hook_step` does."""
+        """``base_optimizer.step()``; torch's step wrapper around it (hooks, profiler
+        label) is skipped when nothing can observe it, as :meth:`profile_hook_step` does."""
         base = self.base_optimizer
         step = type(base).step
         unwrapped = getattr(step, "__wrapped__", None)

@@ -1,8 +1,10 @@
 """torch.optim's step hooks and profiler label on sharpkit optimizers.
 
-The wrapper skips torch's step wrapper (hooks, ``record_function`` label) when
-nothing observes it, on itself and on its base optimizer; these tests check that
-whatever is observed still is, and that both ways take the same step.
+A sharpkit optimizer enters its step wrapper's hooks and ``record_function``
+label only when something observes them, and skips torch's wrapper around its
+base optimizer's step in the same case; these tests check that whatever is
+observed still is (hooks, their order, argument replacement, profiler labels,
+warning locations) and that both ways take the same step.
 """
 
 from __future__ import annotations
@@ -130,3 +132,26 @@ def test_a_base_step_decorated_or_replaced_after_torch_wrapped_it_still_runs() -
     base.step = lambda *a, **k: (calls.append("instance"), decorated(base, *a, **k))[1]
     opt.step(closure)
     assert calls == ["class", "instance", "class"] and opt.bar_step == 2
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_a_skipped_step_warns_at_the_caller_with_or_without_hooks(hooked: bool) -> None:
+    net = _net()
+    opt = _BUILD["BAR"](net)
+    if hooked:
+        opt.register_step_post_hook(lambda o, a, k: None)
+
+    def closure() -> None:
+        (net(torch.ones(2, 4)).sum() * float("inf")).backward()
+
+    with pytest.warns(RuntimeWarning, match="non-finite") as record:
+        opt.step(closure)
+    assert [w.filename for w in record] == [__file__]
+
+
+def test_a_pre_hook_returning_something_else_is_refused() -> None:
+    net = _net()
+    opt = _BUILD["BAR"](net)
+    opt.register_step_pre_hook(lambda o, a, k: "not a pair")
+    with pytest.raises(RuntimeError, match="new_args, new_kwargs"):
+        opt.step(_closure(net))
