@@ -335,8 +335,8 @@ class _StateSnapshot:
     those tensors, and of the ``weights`` it is given, into storage kept between
     steps, in one fused copy; ``restore`` puts the dicts back and copies the values
     back into the same tensor objects, so references held elsewhere (a scheduler,
-    a user) see the restored values. Both run under ``torch.no_grad()`` (the
-    weights are leaves that require gradients).
+    a user) see the restored values. ``save`` is called under ``torch.no_grad()``
+    (the weights are leaves that require gradients); ``restore`` enters it itself.
     """
 
     def __init__(self) -> None:
@@ -910,7 +910,7 @@ class WrappedOptimizer(Optimizer):
                 f"{type(self).__name__}: non-finite gradient; the step was skipped and "
                 "the weights are unchanged",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=6,  # the caller of step()
             )
             return False
         self._base_optimizer_step()

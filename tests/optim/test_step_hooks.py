@@ -135,18 +135,24 @@ def test_a_base_step_decorated_or_replaced_after_torch_wrapped_it_still_runs() -
 
 
 @pytest.mark.parametrize("hooked", [False, True])
-def test_a_skipped_step_warns_at_the_caller_with_or_without_hooks(hooked: bool) -> None:
+@pytest.mark.parametrize("name", sorted(_BUILD))
+def test_a_skipped_step_warns_at_the_caller_with_or_without_hooks(name: str, hooked: bool) -> None:
     net = _net()
-    opt = _BUILD["BAR"](net)
+    opt = _BUILD[name](net)
     if hooked:
         opt.register_step_post_hook(lambda o, a, k: None)
+    calls: list[int] = []
 
-    def closure() -> None:
-        (net(torch.ones(2, 4)).sum() * float("inf")).backward()
+    def closure() -> None:  # BAR: non-finite at w; SAM: finite at w, non-finite at w + e
+        calls.append(1)
+        scale = float("inf") if name == "BAR" or len(calls) == 2 else 1.0
+        (net(torch.ones(2, 4)).sum() * scale).backward()
 
+    w = [p.detach().clone() for p in net.parameters()]
     with pytest.warns(RuntimeWarning, match="non-finite") as record:
         opt.step(closure)
-    assert [w.filename for w in record] == [__file__]
+    assert [r.filename for r in record] == [__file__]
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), w))
 
 
 def test_a_pre_hook_returning_something_else_is_refused() -> None:
