@@ -444,8 +444,6 @@ class WrappedOptimizer(Optimizer):
         self._weights_saved = False
         self._state_snapshot = _StateSnapshot()
         self._state_saved = False
-        #: the clean pass's parameters with a gradient, per group (during a step)
-        self._clean_groups: list[tuple[dict[str, Any], list[torch.Tensor]]] | None = None
         super().__init__(params, defaults)
         try:
             base = base_optimizer(self.param_groups, **base_kwargs)
@@ -597,15 +595,12 @@ class WrappedOptimizer(Optimizer):
     def _all_grads(self) -> list[torch.Tensor]:
         return [p.grad for _, ps in self._params_with_grad() for p in ps]
 
-    def _require_grads(self, where: str) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
-        """:meth:`_params_with_grad`, refusing a step where no parameter has a gradient."""
-        groups = self._params_with_grad()
-        if not any(ps for _, ps in groups):
+    def _require_grads(self, where: str) -> None:
+        if not self._all_grads():
             raise RuntimeError(
                 f"{type(self).__name__}: no parameter has a gradient after {where}; "
                 "the closure must compute the loss and call loss.backward()"
             )
-        return groups
 
     def _scratch(self, key: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
         """Reusable uninitialised tensors shaped like ``like`` (kept between steps)."""
@@ -728,7 +723,6 @@ class WrappedOptimizer(Optimizer):
         self._weights_saved = False
         self._state_saved = False
         self._extra_snapshot = None
-        self._clean_groups = None
 
     def _save_extra(self) -> Any:
         """Hook: snapshot extra mutable state (a random generator...) at the step's start."""
@@ -854,8 +848,7 @@ class WrappedOptimizer(Optimizer):
         """Leave ``g = grad L(w)`` in ``.grad``; return the loss at ``w``."""
         assert oracle is not None
         loss = oracle.backward(self, "at w")
-        where = "calling the closure at w" if oracle.is_closure else "loss_fn at w"
-        self._clean_groups = self._require_grads(where)
+        self._require_grads("calling the closure at w" if oracle.is_closure else "loss_fn at w")
         return loss
 
     def _perturbation(self, oracle: Oracle | None) -> None:

@@ -271,8 +271,7 @@ class BAR(WrappedOptimizer):
         gradients already in ``.grad`` (torch.optim's convention)."""
         if oracle is not None:
             return super()._clean_gradient(oracle)
-        self._clean_groups = self._params_with_grad()
-        if not any(ps for _, ps in self._clean_groups):
+        if not self._all_grads():
             raise TypeError(
                 "BAR.step(): no parameter has a gradient; call loss.backward() before "
                 "step(), or pass a closure that does (or loss_fn=... and batch=...)"
@@ -285,16 +284,11 @@ class BAR(WrappedOptimizer):
         if found_inf is not None and float(found_inf) != 0.0:
             raise SkipStep(None)  # the scaler skips the step (and lowers its scale)
         factor_ids = self._group_layout()[2]
-        assert self._clean_groups is not None
-        rest = [p.grad for _, ps in self._clean_groups for p in ps if id(p) not in factor_ids]
+        rest = [p.grad for _, ps in self._params_with_grad() for p in ps if id(p) not in factor_ids]
         plan = self._scaling(rest, check_finite=found_inf is None)
         if plan is None:
             raise SkipStep("non-finite gradient")
         self._plan = plan
-
-    def _step_params(self) -> list[torch.Tensor]:
-        assert self._clean_groups is not None  # no second pass: the clean gradients step
-        return [p for _, ps in self._clean_groups for p in ps]
 
     def _guarded_base_step(self) -> bool:
         """Scale the pairs, then the base step, inside the transaction (restored
@@ -315,25 +309,22 @@ class BAR(WrappedOptimizer):
     ) -> tuple[list[torch.Tensor], list[float]] | None:
         """The factors to scale and their multipliers; ``None`` if a gradient is not finite."""
         gx_idx, gy_idx, _ = self._group_layout()
-        pairs = self.pairs
-        active = [i for i, p in enumerate(pairs) if p.x.grad is not None and p.y.grad is not None]
+        active = [
+            i for i, p in enumerate(self.pairs) if p.x.grad is not None and p.y.grad is not None
+        ]
         factor = schedule_factor(self.schedule, self._bar_step, self.total_steps)
         coefs = [g["mu0"] * factor * float(g["lr"]) for g in self.param_groups]
-        cx = [coefs[gx_idx[i]] for i in active]
-        cy = [coefs[gy_idx[i]] for i in active]
-        need_scaling = any(cx) or any(cy)  # a coefficient is a finite float (validated)
+        need_scaling = any(coefs[gx_idx[i]] != 0.0 or coefs[gy_idx[i]] != 0.0 for i in active)
         if not need_scaling and not check_finite:
             return [], []
         # one fused norm pass over the pair gradients (first), the other gradients
         # (finiteness) and, for oBAR, the factors themselves; one host sync.
-        xs = [pairs[i].x for i in active]
-        ys = [pairs[i].y for i in active]
-        to_norm = [x.grad for x in xs] + [y.grad for y in ys]
+        to_norm = [self.pairs[i].x.grad for i in active] + [self.pairs[i].y.grad for i in active]
         if check_finite:
             to_norm += rest
         n_active = len(active)
         if need_scaling and self.variant == "obar":
-            to_norm += xs + ys
+            to_norm += [self.pairs[i].x for i in active] + [self.pairs[i].y for i in active]
         if not to_norm:
             return [], []
         norms = _stack_norms(torch._foreach_norm(to_norm))
@@ -352,16 +343,17 @@ class BAR(WrappedOptimizer):
         sign = bar_signs(self.variant, first_h, second_h)  # the one rule (balance.rules)
         tensors: list[torch.Tensor] = []
         scales: list[float] = []
-        for k in range(n_active):
+        for k, i in enumerate(active):
             if gxn[k] == 0.0 and gyn[k] == 0.0:
                 continue  # zero gradient: SAM's drift vanishes, so does BAR's
             s = sign[k]
-            if cx[k] != 0.0:
-                tensors.append(xs[k])
-                scales.append(1.0 + s * cx[k])
-            if cy[k] != 0.0:
-                tensors.append(ys[k])
-                scales.append(1.0 - s * cy[k])
+            cx, cy = coefs[gx_idx[i]], coefs[gy_idx[i]]
+            if cx != 0.0:
+                tensors.append(self.pairs[i].x)
+                scales.append(1.0 + s * cx)
+            if cy != 0.0:
+                tensors.append(self.pairs[i].y)
+                scales.append(1.0 - s * cy)
         return tensors, scales
 
 
