@@ -28,6 +28,7 @@ overrides only the hooks that are its own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import operator
 import warnings
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
 
 __all__ = [
     "BatchDrivenSAM",
@@ -167,6 +169,22 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
         dtype = torch.promote_types(dtype, n.dtype)
     dev = norms[0].device
     return torch.linalg.vector_norm(torch.stack([n.to(device=dev, dtype=dtype) for n in norms]))
+
+
+#: the code of torch's step wrapper (``Optimizer.profile_hook_step``), to recognise it
+_TORCH_STEP_WRAPPER = Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
+
+
+def _step_observed(opt: Optimizer) -> bool:
+    """Whether anything observes ``opt.step()`` besides its result: a step hook
+    (the optimizer's own or a global one) or a running profiler."""
+    return bool(
+        opt._optimizer_step_pre_hooks
+        or opt._optimizer_step_post_hooks
+        or _torch_optimizer._global_optimizer_pre_hooks
+        or _torch_optimizer._global_optimizer_post_hooks
+        or torch.autograd._profiler_enabled()
+    )
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -310,13 +328,15 @@ def check_loss(loss: Any, reduction: str, n: int | None, where: str) -> torch.Te
 
 
 class _StateSnapshot:
-    """Copies of the base optimizer's per-parameter state, in reusable storage.
+    """Copies of the base optimizer's per-parameter state (and of weights), in reusable storage.
 
     ``save`` keeps a shallow copy of each parameter's state dict (its keys and
     non-tensor values, and which tensor objects it held) and copies the values of
-    those tensors into storage kept between steps; ``restore`` puts the dicts back
-    and copies the values back into the same tensor objects, so references held
-    elsewhere (a scheduler, a user) see the restored values.
+    those tensors, and of the ``weights`` it is given, into storage kept between
+    steps, in one fused copy; ``restore`` puts the dicts back and copies the values
+    back into the same tensor objects, so references held elsewhere (a scheduler,
+    a user) see the restored values. ``save`` is called under ``torch.no_grad()``
+    (the weights are leaves that require gradients); ``restore`` enters it itself.
     """
 
     def __init__(self) -> None:
@@ -324,10 +344,11 @@ class _StateSnapshot:
         self._src: list[torch.Tensor] = []
         self._dst: list[torch.Tensor] = []
 
-    @torch.no_grad()
-    def save(self, state: dict[Any, dict[str, Any]]) -> None:
+    def save(self, state: dict[Any, dict[str, Any]], weights: list[torch.Tensor]) -> None:
         self._dicts = [(p, dict(s)) for p, s in state.items()]
-        src = [v for _, d in self._dicts for v in d.values() if isinstance(v, torch.Tensor)]
+        src = weights + [
+            v for _, d in self._dicts for v in d.values() if isinstance(v, torch.Tensor)
+        ]
         if len(src) == len(self._src) and all(map(operator.is_, src, self._src)):
             if src:
                 torch._foreach_copy_(self._dst, src)
@@ -597,6 +618,66 @@ class WrappedOptimizer(Optimizer):
             store[key] = bufs
         return bufs
 
+    # -- torch.optim's step wrapper -------------------------------------------------
+
+    @staticmethod
+    def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
+        """The step wrapper ``Optimizer`` installs on every optimizer class's ``step``.
+
+        Like torch's own, it runs the step hooks around ``func``: the global and then
+        the optimizer's pre-hooks (:meth:`~torch.optim.Optimizer.register_step_pre_hook`;
+        one may return new ``(args, kwargs)``), then the optimizer's and the global
+        post-hooks, all inside a ``record_function`` profiler label. Unlike torch's,
+        it calls ``func`` directly when no hook is registered and no profiler runs,
+        because an idle ``record_function`` still slows every operation inside it.
+        """
+
+        @functools.wraps(func)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            self = args[0]
+            if not _step_observed(self):
+                out = func(*args, **kwargs)
+                self._optimizer_step_code()
+                return out
+            label = f"Optimizer.step#{type(self).__name__}.step"
+            with torch.autograd.profiler.record_function(label):
+                pre = _torch_optimizer._global_optimizer_pre_hooks
+                for hook in [*pre.values(), *self._optimizer_step_pre_hooks.values()]:
+                    result = hook(self, args, kwargs)
+                    if result is None:
+                        continue
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"step pre-hook {hook!r} must return None or a tuple "
+                            f"(new_args, new_kwargs), got {result!r}"
+                        )
+                    args, kwargs = result
+                out = func(*args, **kwargs)
+                self._optimizer_step_code()
+                post = _torch_optimizer._global_optimizer_post_hooks
+                for hook in [*self._optimizer_step_post_hooks.values(), *post.values()]:
+                    hook(self, args, kwargs)
+                return out
+
+        return step
+
+    def _base_optimizer_step(self) -> None:
+        """``base_optimizer.step()``; torch's step wrapper around it (hooks, profiler
+        label) is skipped when nothing can observe it, as :meth:`profile_hook_step` does."""
+        base = self.base_optimizer
+        step = type(base).step
+        unwrapped = getattr(step, "__wrapped__", None)
+        if (
+            getattr(step, "__code__", None) is not _TORCH_STEP_WRAPPER  # decorated again
+            or unwrapped is None
+            or "step" in vars(base)  # replaced on the instance (a test, a scheduler)
+            or _step_observed(base)
+        ):
+            base.step()
+            return
+        unwrapped(base)
+        base._optimizer_step_code()
+
     # -- the transaction: weights, buffers, optimizer state ------------------------
 
     @torch.no_grad()
@@ -781,15 +862,24 @@ class WrappedOptimizer(Optimizer):
         """Hook: the step was taken (advance counters)."""
 
     def _guarded_base_step(self) -> bool:
-        """The base step inside the transaction: weights and state saved first, so a
+        """The base step inside the transaction: the weights (unless the perturbation
+        saved them) and the optimizer state are copied first, in one fused copy, so a
         base step that raises midway is undone exactly. ``False`` if skipped."""
-        if not self._weights_saved:
-            self._save_weights([p for _, ps in self._params_with_grad() for p in ps])
-        self._state_snapshot.save(self.state)
-        self._state_saved = True
-        return self._base_step()
+        weights = [] if self._weights_saved else self._step_params()
+        with torch.no_grad():
+            self._save_state(weights)
+            return self._base_step()
 
-    @torch.no_grad()
+    def _step_params(self) -> list[torch.Tensor]:
+        """The parameters the base step updates: those holding a gradient."""
+        return [p for _, ps in self._params_with_grad() for p in ps]
+
+    def _save_state(self, weights: list[torch.Tensor]) -> None:
+        """Snapshot the optimizer state and ``weights`` (under ``torch.no_grad()``);
+        a rollback restores both."""
+        self._state_snapshot.save(self.state, weights)
+        self._state_saved = True
+
     def _base_step(self, check_finite: bool = True) -> bool:
         """Apply the base optimizer's step to the current gradients.
 
@@ -805,7 +895,7 @@ class WrappedOptimizer(Optimizer):
             if grad_scale is not None:
                 grads = self._all_grads()
                 torch._foreach_div_(grads, grad_scale.to(grads[0].device))
-            self.base_optimizer.step()
+            self._base_optimizer_step()
             return True
         grads = self._all_grads() if check_finite else []
         if grads and not bool(torch.isfinite(global_norm(grads))):
@@ -813,10 +903,10 @@ class WrappedOptimizer(Optimizer):
                 f"{type(self).__name__}: non-finite gradient; the step was skipped and "
                 "the weights are unchanged",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=6,  # the caller of step()
             )
             return False
-        self.base_optimizer.step()
+        self._base_optimizer_step()
         return True
 
 

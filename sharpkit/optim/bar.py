@@ -293,15 +293,13 @@ class BAR(WrappedOptimizer):
     def _guarded_base_step(self) -> bool:
         """Scale the pairs, then the base step, inside the transaction (restored
         from the copy, never by dividing, if anything raises)."""
-        self._save_weights([p for _, ps in self._params_with_grad() for p in ps])
-        self._state_snapshot.save(self.state)
-        self._state_saved = True
         tensors, scales = self._plan
         self._plan = ([], [])
-        if tensors:
-            with torch.no_grad():
+        with torch.no_grad():
+            self._save_state(self._step_params())  # the weights and the state, one copy
+            if tensors:
                 torch._foreach_mul_(tensors, scales)
-        return self._base_step(check_finite=False)  # finiteness was checked with the norms
+            return self._base_step(check_finite=False)  # finiteness was checked with the norms
 
     def _committed(self) -> None:
         self._bar_step += 1
