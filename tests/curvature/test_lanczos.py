@@ -193,23 +193,28 @@ class _LowRankPlusDiagonal:
         return self.d.double() * v + u @ (self.lam.double() * (u.T @ v))
 
 
-@pytest.mark.slow
-def test_float32_at_scale_against_eigsh() -> None:
-    # dim 5e5 in float32: a Lanczos whose inner products and reorthogonalisation run
-    # in float32 returns Ritz values ~1e-5 (relative) off their own vectors' Rayleigh
-    # quotients while its Ritz residuals claim ~1e-10.
+def _eigsh_top5(op: _LowRankPlusDiagonal) -> torch.Tensor:
+    """scipy's eigsh (ARPACK, tol 1e-10) on the float32 products, descending."""
     import numpy as np
     from scipy.sparse.linalg import LinearOperator, eigsh
 
-    op = _LowRankPlusDiagonal(500_000)
-    res = eigenvalues(op, k=5, tol=1e-6, seed=0, return_eigenvectors=True)
-    assert res.num_matvecs == op.num_matvecs
     lin = LinearOperator(
         (op.dim, op.dim),
         matvec=lambda v: op.matvec(torch.as_tensor(v).float()).double().numpy(),
         dtype=np.float64,
     )
-    ref = torch.as_tensor(np.sort(eigsh(lin, k=5, which="LA", tol=1e-10)[0])[::-1].copy())
+    return torch.as_tensor(np.sort(eigsh(lin, k=5, which="LA", tol=1e-10)[0])[::-1].copy())
+
+
+@pytest.mark.slow
+def test_float32_at_scale_against_eigsh() -> None:
+    # dim 5e5 in float32: a Lanczos whose inner products and reorthogonalisation run
+    # in float32 returns Ritz values ~1e-5 (relative) off their own vectors' Rayleigh
+    # quotients while its Ritz residuals claim ~1e-10.
+    op = _LowRankPlusDiagonal(500_000)
+    res = eigenvalues(op, k=5, tol=1e-6, seed=0, return_eigenvectors=True)
+    assert res.num_matvecs == op.num_matvecs
+    ref = _eigsh_top5(op)
     scale = float(ref[0])
     assert res.converged
     torch.testing.assert_close(res.eigenvalues, ref, atol=2e-7 * scale, rtol=0)
@@ -377,18 +382,10 @@ def test_stacked_basis_rotate_and_capacity(monkeypatch) -> None:
 def test_float32_at_scale_with_a_small_basis_against_eigsh() -> None:
     # The at-scale float32 case with a basis of 8 vectors (thick restarts): the same
     # accuracy against eigsh, and residuals that are the vectors' own.
-    import numpy as np
-    from scipy.sparse.linalg import LinearOperator, eigsh
-
     op = _LowRankPlusDiagonal(200_000)
     res = eigenvalues(op, k=5, tol=1e-5, seed=0, max_basis=8, return_eigenvectors=True)
     assert res.protocol.extra["thick_restarts"] >= 1 and res.converged
-    lin = LinearOperator(
-        (op.dim, op.dim),
-        matvec=lambda v: op.matvec(torch.as_tensor(v).float()).double().numpy(),
-        dtype=np.float64,
-    )
-    ref = torch.as_tensor(np.sort(eigsh(lin, k=5, which="LA", tol=1e-10)[0])[::-1].copy())
+    ref = _eigsh_top5(op)
     scale = float(ref[0])
     torch.testing.assert_close(res.eigenvalues, ref, atol=2e-6 * scale, rtol=0)
     y = res.eigenvectors.double()
