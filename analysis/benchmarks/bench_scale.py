@@ -570,6 +570,21 @@ def _cell(d: dict[str, Any]) -> str:
     return f"{d['products']} / {d['seconds']:.1f}s (err {d['err']:.1e}{extra})"
 
 
+def _machine(measured: dict[str, Any], rendered: bool) -> dict[str, Any]:
+    """The machine the measurements ran on: this one, or, when rendering saved runs,
+    the one they recorded (this one only if none did). Runs that recorded different
+    machines (another pinning, say) are refused: one table names one machine."""
+    here = machine_info(torch.device("cpu"))
+    if not rendered:
+        return here
+    saved = [m["machine"] for m in measured.values() if "machine" in m]
+    if not saved:
+        return here
+    if any(x != saved[0] for x in saved[1:]):
+        raise SystemExit("--report-from: the saved runs name different machines: " + str(saved))
+    return saved[0]
+
+
 def _drop_empty_tables(lines: list[str]) -> list[str]:
     """Remove '#### ' sections whose table has no data row (a stage not measured)."""
     out: list[str] = []
@@ -618,7 +633,10 @@ def main(argv: list[str] | None = None) -> None:
         measured_saved: dict[str, Any] = {}
         for f in args.report_from.split(","):
             for size, m in json.loads(Path(f).read_text()).items():
-                measured_saved.setdefault(size, {}).update(m)
+                prev = measured_saved.setdefault(size, {})
+                if "machine" in prev and "machine" in m and prev["machine"] != m["machine"]:
+                    raise SystemExit(f"--report-from: {f} ran on another machine than the rest")
+                prev.update(m)
         args.models = ",".join(measured_saved)
     if args.threads_check:
         threads_check(rounds=3)
@@ -634,7 +652,7 @@ def main(argv: list[str] | None = None) -> None:
     stages = args.stages.split(",")
     partial = Path(out).with_suffix(".partial.json")
     for size in sizes:
-        m: dict[str, Any] = {}
+        m: dict[str, Any] = {"machine": machine_info(torch.device("cpu"))}
         measured[size] = m
         if args.report_from:
             m.update(measured_saved[size])
@@ -810,7 +828,7 @@ def main(argv: list[str] | None = None) -> None:
         rows,
         out,
         title="Curvature at scale: product cost / gradient (float32, CPU)",
-        machine=machine_info(torch.device("cpu")),
+        machine=_machine(measured, bool(args.report_from)),
         notes=["\n".join(notes)],
     )
     payload = json.loads(path.with_suffix(".json").read_text())
