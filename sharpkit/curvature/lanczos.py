@@ -641,10 +641,11 @@ def eigenvalues(
             A basis that would outgrow it is thick-restarted (Wu and Simon 2000): the
             Ritz vectors nearest the wanted end are kept, the rest dropped, and the
             iteration continues from the last residual, so memory stays at
-            ``max_basis`` vectors for more products. Default: as many vectors as a
-            quarter (:data:`BASIS_SHARE`) of the memory now available on the
-            operator's device holds (at least ``2 n_wanted + 8``), which for most
-            models means no restart.
+            ``max_basis`` vectors for more products (a few more from about
+            ``2 n_wanted + 2`` vectors up; near the minimum, many). Default: as
+            many vectors as a quarter (:data:`BASIS_SHARE`) of the memory now
+            available on the operator's device holds (at least ``2 n_wanted + 8``),
+            which for most models means no restart.
 
     Returns:
         An :class:`EigenResult`. ``converged=False`` comes with a ``RuntimeWarning``
