@@ -20,10 +20,11 @@ Each run is, by default, the plain three-term Lanczos recurrence of
 products accumulated in float64, so a step costs a few passes over one vector
 besides its product, whatever the model's size. In finite precision the vectors
 lose orthogonality once Ritz values converge and ``T_m`` acquires near-copies
-("ghosts") of them, but the quadrature is still that of a matrix whose eigenvalues
-lie within rounding of ``H``'s, with the weight of each eigenvalue shared among its
-copies (Greenbaum 1989; Meurant and Strakos 2006): the smoothed density and the
-moments are unaffected, only individual nodes repeat. ``reorthogonalize=True``
+("ghosts") of them, but the quadrature is still that of a larger matrix whose
+eigenvalues lie in tiny intervals around ``H``'s, with the weight of each
+eigenvalue shared among its copies (Greenbaum 1989; Meurant and Strakos 2006): the
+smoothed density and the moments agree with the reorthogonalised ones to rounding,
+only individual nodes repeat. ``reorthogonalize=True``
 orthogonalises every vector against all previous ones (float64 block products on
 the stored basis: ``steps`` vectors of memory and two passes over ``j`` of them at
 step ``j``), which gives ghost-free nodes and, with ``steps = n``, the exact
