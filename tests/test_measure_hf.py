@@ -6,6 +6,7 @@ eager-attention twin of the same weights."""
 from __future__ import annotations
 
 import json
+import pathlib
 import textwrap
 
 import pytest
@@ -17,31 +18,17 @@ from sharpkit.curvature import HessianOperator, eigenvalues  # noqa: E402
 from sharpkit.hf import hf_loss  # noqa: E402
 from sharpkit.io import save_model  # noqa: E402
 
-SPEC = textwrap.dedent(
+SPEC = (pathlib.Path(__file__).parent / "_lm_spec.py").read_text() + textwrap.dedent(
     """
-    import torch
     import transformers
 
-    CONFIG = dict(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
+    CONFIG = dict(n_layer=1, n_embd=16, n_head=2, vocab_size=V, n_positions=16)
 
 
     def model(attn="sdpa"):
         torch.manual_seed(0)
         cfg = transformers.GPT2Config(**CONFIG, attn_implementation=attn)
         return transformers.GPT2LMHeadModel(cfg)
-
-
-    def data():
-        g = torch.Generator().manual_seed(1)
-        batches = []
-        for lengths in ([12, 7, 9, 12], [5, 12, 10, 3]):
-            ids = torch.randint(0, 32, (4, 12), generator=g)
-            mask = torch.zeros(4, 12, dtype=torch.long)
-            for i, n in enumerate(lengths):
-                mask[i, :n] = 1
-            labels = ids.masked_fill(mask == 0, -100)
-            batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-        return batches
     """
 )
 
@@ -57,7 +44,7 @@ def test_measure_hf_checkpoint(tmp_path, monkeypatch) -> None:
     ckpt = save_model(net, tmp_path / "gpt.safetensors")  # wte and lm_head are tied
     out = tmp_path / "out"
     code = main(
-        ["measure", str(ckpt), "--model", f"{spec}:model", "--data", f"{spec}:data",
+        ["measure", str(ckpt), "--model", f"{spec}:model", "--data", f"{spec}:lm",
          "--loss", "hf", "--metrics", "lambda_max,pac_bayes", "--dtype", "float64",
          "--set", "pac_bayes.samples=2", "--set", "pac_bayes.max_iter=6",
          "--out", str(out), "--no-landscape", "--no-progress"]
@@ -68,7 +55,7 @@ def test_measure_hf_checkpoint(tmp_path, monkeypatch) -> None:
     assert 0.0 < doc["base"]["accuracy"] < 1.0  # hf_accuracy is the default with --loss hf
     eager = gpt_spec.model("eager").double()
     eager.load_state_dict(net.state_dict())
-    ref = eigenvalues(HessianOperator(eager, hf_loss, gpt_spec.data()), k=1, tol=1e-10, seed=0)
+    ref = eigenvalues(HessianOperator(eager, hf_loss, gpt_spec.lm()), k=1, tol=1e-10, seed=0)
     assert doc["metrics"]["lambda_max"]["value"] == pytest.approx(
         float(ref.eigenvalues[0]), rel=1e-6
     )

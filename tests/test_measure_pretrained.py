@@ -12,6 +12,7 @@ nothing.
 from __future__ import annotations
 
 import json
+import pathlib
 import textwrap
 
 import pytest
@@ -26,24 +27,8 @@ from sharpkit.hf import loss_for  # noqa: E402
 from sharpkit.sharpness._registry import resolve_options  # noqa: E402
 
 V = 32
-DATA = textwrap.dedent(
+DATA = (pathlib.Path(__file__).parent / "_lm_spec.py").read_text() + textwrap.dedent(
     """
-    import torch
-
-    V = 32
-
-
-    def lm():  # unevenly padded causal-LM batches
-        g = torch.Generator().manual_seed(1)
-        out = []
-        for lengths in ([12, 7, 9, 12], [5, 12, 10, 3]):
-            ids = torch.randint(0, V, (4, 12), generator=g)
-            mask = torch.zeros(4, 12, dtype=torch.long)
-            for i, n in enumerate(lengths):
-                mask[i, :n] = 1
-            labels = ids.masked_fill(mask == 0, -100)
-            out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-        return out
 
 
     def peft_gpt2(r=2):  # a PeftModel that build() returns, for an adapter file

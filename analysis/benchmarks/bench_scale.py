@@ -332,25 +332,17 @@ def trace_rows(size: str, quick: bool, cap: int) -> dict[str, Any]:
 
 def slq_rows(size: str, quick: bool, steps: int) -> dict[str, Any]:
     model, data = setup(size, 1, quick)
-    op = Counted(HessianOperator(model, _loss(), data[0]))
     out: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    spectral_density(op, runs=1, steps=steps, seed=0, reorthogonalize=True)
-    total = time.perf_counter() - t0
-    out["sharpkit"] = {
-        "products": op.num_matvecs,
-        "seconds": total,
-        "bookkeeping_share": 1 - op.seconds / total,
-    }
-    plain = Counted(HessianOperator(model, _loss(), data[0]))
-    t0 = time.perf_counter()
-    spectral_density(plain, runs=1, steps=steps, seed=0, reorthogonalize=False)
-    total = time.perf_counter() - t0
-    out["sharpkit plain"] = {
-        "products": plain.num_matvecs,
-        "seconds": total,
-        "bookkeeping_share": 1 - plain.seconds / total,
-    }
+    for key, reorth in (("sharpkit", True), ("sharpkit plain", False)):
+        op = Counted(HessianOperator(model, _loss(), data[0]))
+        t0 = time.perf_counter()
+        spectral_density(op, runs=1, steps=steps, seed=0, reorthogonalize=reorth)
+        total = time.perf_counter() - t0
+        out[key] = {
+            "products": op.num_matvecs,
+            "seconds": total,
+            "bookkeeping_share": 1 - op.seconds / total,
+        }
     ph = _pyhessian(model, data)
     torch.manual_seed(0)
     with _ph_counter() as cnt:
