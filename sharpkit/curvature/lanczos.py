@@ -42,20 +42,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.linalg
 import torch
 
-from sharpkit._device import available_memory
+from sharpkit._device import available_memory, resolve_device
 from sharpkit._progress import progress_bar
 from sharpkit.curvature._linop import as_operator, gaussian, make_generator, operator_protocol
 from sharpkit.protocol import MeasurementProtocol, to_jsonable
 
-__all__ = ["EigenResult", "eigenvalues", "lanczos_tridiagonal"]
+__all__ = ["EigenResult", "basis_storage_from_text", "eigenvalues", "lanczos_tridiagonal"]
 
 _WHICH = ("largest", "smallest", "both")
 
@@ -78,96 +82,287 @@ _CHUNK_COLUMNS = 2**15
 _DGKS = 1.0 / np.sqrt(2.0)
 
 
-class StackedBasis:
-    """Orthonormal rows ``q_1 .. q_m`` of length ``dim``, with accurate block products.
+# A basis held away from the compute device (in another device's memory or in a
+# file) is moved a panel at a time: whole _CHUNK_COLUMNS slices of every row, at
+# most this many bytes of stored rows per panel (at least one slice).
+_PANEL_BYTES = 8 << 20
 
-    Rows are kept in the operator's dtype (a float32 model's basis takes float32
-    memory) in preallocated ``[_BLOCK_ROWS, dim]`` blocks, so memory follows the
-    steps taken and nothing is copied as the basis grows. The two products that
-    reorthogonalisation and Ritz vectors need, ``Q w`` and ``Q^T c``, are block
-    matrix products (BLAS-2 on whole blocks, no loop over vectors), taken a slice
-    of ``_CHUNK_COLUMNS`` columns at a time with the slices summed in float64: a
-    float32 inner product accumulated over ~1e7 entries in one go carries a relative
-    error near 1e-5, which breaks the orthogonality the Lanczos residual formula
-    relies on, while slices of 32768 stay near 1e-9 at the price of a float32 one.
 
-    Args:
-        dim: row length.
-        dtype: storage dtype (the operator's).
-        device: storage device.
-    """
+class _DeviceRows:
+    """Basis rows in ``[_BLOCK_ROWS, dim]`` blocks in the memory of device ``where``,
+    each block allocated when the first of its rows is written. Panels are views
+    when ``where`` is the compute device, copies moved to it otherwise."""
 
     def __init__(
-        self, dim: int, dtype: torch.dtype, device: torch.device, capacity: int | None = None
+        self,
+        dim: int,
+        dtype: torch.dtype,
+        where: torch.device,
+        compute: torch.device,
+        capacity: int | None,
     ) -> None:
-        self.dim, self.dtype, self.device = dim, dtype, device
+        self.dim, self.dtype, self.where, self.compute = dim, dtype, where, compute
         self.capacity = capacity
+        self.local = where == compute
         self.blocks: list[torch.Tensor] = []
-        self.rows = 0
-        # w in the storage dtype, reused (a fresh allocation per product page-faults).
-        self._narrow = torch.empty(dim, dtype=dtype, device=device)
 
-    def __len__(self) -> int:
-        return self.rows
+    @property
+    def allocated_rows(self) -> int:
+        return sum(b.shape[0] for b in self.blocks)
 
-    def append(self, q: torch.Tensor) -> torch.Tensor:
-        """Store ``q`` (cast to the storage dtype) as the next row; return the stored row."""
-        if self.capacity is not None and self.rows >= self.capacity:
-            raise RuntimeError(f"StackedBasis: full ({self.capacity} rows)")
-        b, i = divmod(self.rows, _BLOCK_ROWS)
+    def write(self, i: int, row: torch.Tensor) -> torch.Tensor:
+        b, r = divmod(i, _BLOCK_ROWS)
         if b == len(self.blocks):
             size = _BLOCK_ROWS
             if self.capacity is not None:
                 size = min(size, self.capacity - b * _BLOCK_ROWS)
-            self.blocks.append(torch.empty(size, self.dim, dtype=self.dtype, device=self.device))
-        row = self.blocks[b][i]
-        row.copy_(q)
+            self.blocks.append(torch.empty(size, self.dim, dtype=self.dtype, device=self.where))
+        stored = self.blocks[b][r]
+        stored.copy_(row)
+        return stored
+
+    def read(self, i: int, out: torch.Tensor | None) -> torch.Tensor:
+        stored = self.blocks[i // _BLOCK_ROWS][i % _BLOCK_ROWS]
+        return stored if out is None else out.copy_(stored)
+
+    def panels(self, rows: int, width: int) -> Iterator[tuple[int, list[tuple[int, torch.Tensor]]]]:
+        for a in range(0, self.dim, width):
+            parts = []
+            for bi, block in enumerate(self.blocks):
+                used = min(block.shape[0], rows - bi * _BLOCK_ROWS)
+                if used <= 0:
+                    break  # blocks beyond the rows in use (kept after a rotation)
+                panel = block[:used, a : a + width]
+                parts.append((bi * _BLOCK_ROWS, panel if self.local else panel.to(self.compute)))
+            yield a, parts
+
+    def put(self, a: int, new: torch.Tensor) -> None:
+        for bi, block in enumerate(self.blocks):
+            r0 = bi * _BLOCK_ROWS
+            if r0 >= new.shape[0]:
+                break
+            m = min(block.shape[0], new.shape[0] - r0)
+            block[:m, a : a + new.shape[1]].copy_(new[r0 : r0 + m])
+
+    def close(self) -> None:
+        self.blocks = []
+
+
+def _canonical(device: Any) -> torch.device:
+    """``device`` with its index made explicit ("cuda" is the current CUDA device, and
+    every CPU index is the one CPU), so that equal memories compare equal."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu") if d.type == "cpu" else d
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor (shared, writable)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class _FileRows:
+    """Basis rows in an unnamed temporary file in ``directory`` (row after row),
+    written and read with ``pwrite``/``pread`` through buffers in memory: the
+    process holds one panel, not the basis. The operating system keeps the file in
+    its page cache while memory allows and on disk when it does not; the file has
+    no name, so it disappears when it is closed or the process ends."""
+
+    def __init__(
+        self,
+        dim: int,
+        dtype: torch.dtype,
+        directory: Path,
+        compute: torch.device,
+        capacity: int | None,
+    ) -> None:
+        self.dim, self.dtype, self.compute = dim, dtype, compute
+        self.itemsize = torch.finfo(dtype).bits // 8
+        self._file = tempfile.TemporaryFile(dir=directory, prefix="sharpkit-basis-")
+        self.allocated_rows = 0
+        self._panel: torch.Tensor | None = None  # reused read buffer (CPU)
+        self._stage: torch.Tensor | None = None  # a CPU row, for a non-CPU compute device
+
+    def _offset(self, row: int, column: int) -> int:
+        return (row * self.dim + column) * self.itemsize
+
+    def _pwrite(self, t: torch.Tensor, offset: int) -> None:
+        view = _as_bytes(t.to("cpu").contiguous())
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._file.fileno(), view[done:], offset + done)
+
+    def _pread(self, t: torch.Tensor, offset: int) -> None:
+        view = _as_bytes(t)
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+            if got == 0:
+                raise RuntimeError("StackedBasis: the basis file ended early (truncated?)")
+            done += got
+
+    def write(self, i: int, row: torch.Tensor) -> torch.Tensor:
+        self._pwrite(row, self._offset(i, 0))
+        self.allocated_rows = max(self.allocated_rows, i + 1)
+        return row
+
+    def read(self, i: int, out: torch.Tensor | None) -> torch.Tensor:
+        assert out is not None
+        if out.device.type == "cpu":
+            self._pread(out, self._offset(i, 0))
+            return out
+        if self._stage is None:
+            self._stage = torch.empty(self.dim, dtype=self.dtype)
+        self._pread(self._stage, self._offset(i, 0))
+        return out.copy_(self._stage)
+
+    def panels(self, rows: int, width: int) -> Iterator[tuple[int, list[tuple[int, torch.Tensor]]]]:
+        if self._panel is None or self._panel.numel() < rows * width:
+            self._panel = None  # release the old buffer first
+            self._panel = torch.empty(rows * width, dtype=self.dtype)
+        for a in range(0, self.dim, width):
+            w = min(width, self.dim - a)
+            panel = self._panel[: rows * w].view(rows, w)
+            for r in range(rows):
+                self._pread(panel[r], self._offset(r, a))
+            if self.compute.type != "cpu":
+                panel = panel.to(self.compute)
+            # in groups of _BLOCK_ROWS rows, as a basis in memory sums them
+            yield a, [(r0, panel[r0 : r0 + _BLOCK_ROWS]) for r0 in range(0, rows, _BLOCK_ROWS)]
+
+    def put(self, a: int, new: torch.Tensor) -> None:
+        for r in range(new.shape[0]):
+            self._pwrite(new[r].to(self.dtype), self._offset(r, a))
+
+    def close(self) -> None:
+        self._file.close()
+        self._panel = self._stage = None
+
+
+class StackedBasis:
+    """Orthonormal rows ``q_1 .. q_m`` of length ``dim``, with accurate block products.
+
+    Rows are kept in the operator's dtype (a float32 model's basis takes float32
+    memory). By default they live on the compute device in preallocated
+    ``[_BLOCK_ROWS, dim]`` blocks, so memory follows the steps taken and nothing is
+    copied as the basis grows. The two products that reorthogonalisation and Ritz
+    vectors need, ``Q w`` and ``Q^T c``, are block matrix products (BLAS-2 on whole
+    blocks, no loop over vectors), taken a slice of ``_CHUNK_COLUMNS`` columns at a
+    time with the slices summed in float64: a float32 inner product accumulated
+    over ~1e7 entries in one go carries a relative error near 1e-5, which breaks
+    the orthogonality the Lanczos residual formula relies on, while slices of 32768
+    stay near 1e-9 at the price of a float32 one.
+
+    ``storage`` can hold the rows elsewhere: in the memory of another device (a
+    CUDA operator's basis in host memory) or in an unnamed temporary file in a
+    directory. The products then move the rows to the compute device a panel at a
+    time (at most ``_PANEL_BYTES`` of rows), slice by slice as on the compute
+    device, so the results agree with a basis there to rounding (a BLAS kernel may
+    sum a slice in another order for another memory layout); the process holds a panel and one row buffer instead of the basis, and every step
+    reads the whole basis once or twice (the time this costs is that of moving it).
+
+    Args:
+        dim: row length.
+        dtype: storage dtype (the operator's).
+        device: the compute device (the operator's).
+        capacity: the most rows ever held (``None``: no limit).
+        storage: ``None`` (the compute device's memory), a device whose memory holds
+            the rows, or a :class:`pathlib.Path` directory for a temporary file.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        capacity: int | None = None,
+        storage: torch.device | Path | None = None,
+    ) -> None:
+        self.dim, self.dtype, self.device = dim, dtype, _canonical(device)
+        self.capacity = capacity
+        self.rows = 0
+        self._store: _DeviceRows | _FileRows
+        if isinstance(storage, Path):
+            self._store = _FileRows(dim, dtype, storage, self.device, capacity)
+        else:
+            where = self.device if storage is None else _canonical(storage)
+            self._store = _DeviceRows(dim, dtype, where, self.device, capacity)
+        self.local = isinstance(self._store, _DeviceRows) and self._store.local
+        # A row-long vector in the storage dtype on the compute device, reused (a fresh
+        # large allocation page-faults on every use): w rounded for Q w and, for a basis
+        # held elsewhere, the row being written or read.
+        self._narrow: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.rows
+
+    @property
+    def allocated_rows(self) -> int:
+        """Rows of storage allocated so far (blocks in memory, rows of the file)."""
+        return self._store.allocated_rows
+
+    def _buffer(self) -> torch.Tensor:
+        if self._narrow is None:
+            self._narrow = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        return self._narrow
+
+    def append(self, q: torch.Tensor) -> torch.Tensor:
+        """Store ``q`` (cast to the storage dtype) as the next row; return the stored row
+        on the compute device (for a basis held elsewhere, a buffer that the next
+        basis operation overwrites)."""
+        if self.capacity is not None and self.rows >= self.capacity:
+            raise RuntimeError(f"StackedBasis: full ({self.capacity} rows)")
+        if self.local:
+            row = self._store.write(self.rows, q)
+        else:
+            row = self._buffer().copy_(q)
+            self._store.write(self.rows, row)
         self.rows += 1
         return row
+
+    def row(self, i: int) -> torch.Tensor:
+        """Row ``i`` in the storage dtype on the compute device: a view of the basis or,
+        for a basis held elsewhere, a buffer that the next basis operation overwrites."""
+        if not 0 <= i < self.rows:
+            raise IndexError(f"StackedBasis: row {i} of {self.rows}")
+        return self._store.read(i, None if self.local else self._buffer())
+
+    def _width(self) -> int:
+        """Columns per panel: one slice on the compute device, else as many whole
+        slices as ``_PANEL_BYTES`` of rows hold (at least one)."""
+        if self.local:
+            return _CHUNK_COLUMNS
+        row_slice = max(self.rows, 1) * _CHUNK_COLUMNS * torch.finfo(self.dtype).bits // 8
+        return max(1, _PANEL_BYTES // row_slice) * _CHUNK_COLUMNS
+
+    def _slices(self) -> Iterator[tuple[int, torch.Tensor, int]]:
+        """``(first row, rows x slice, first column)`` over the slices of every panel."""
+        for a, parts in self._store.panels(self.rows, self._width()):
+            for r0, panel in parts:
+                for s in range(0, panel.shape[1], _CHUNK_COLUMNS):
+                    yield r0, panel[:, s : s + _CHUNK_COLUMNS], a + s
 
     def rotate(self, coeffs: np.ndarray | torch.Tensor) -> None:
         """Replace the rows by the ``l`` combinations ``Q^T coeffs`` (``coeffs``: rows x l).
 
         The thick restart of :func:`eigenvalues` keeps its Ritz vectors this way. It
-        works in place a slice of ``_CHUNK_COLUMNS`` columns at a time (each slice of
-        the new rows depends only on the same slice of the old ones), in float64, so
-        it needs no second copy of the basis.
+        works in place a panel of columns at a time (each slice of the new rows
+        depends only on the same slice of the old ones), in float64, so it needs no
+        second copy of the basis.
         """
         c = torch.as_tensor(coeffs, dtype=torch.float64, device=self.device)
         if c.dim() != 2 or c.shape[0] != self.rows or c.shape[1] > self.rows:
             raise ValueError(f"rotate: expected ({self.rows}, l <= {self.rows}) coefficients")
         ct = c.T.contiguous()
-        keep = ct.shape[0]
-        parts = [
-            (bi * _BLOCK_ROWS, blk[: min(blk.shape[0], self.rows - bi * _BLOCK_ROWS)])
-            for bi, blk in enumerate(self.blocks)
-            if self.rows > bi * _BLOCK_ROWS
-        ]
-        for a in range(0, self.dim, _CHUNK_COLUMNS):
-            old = torch.cat([blk[:, a : a + _CHUNK_COLUMNS] for _, blk in parts]).double()
-            new = ct @ old
-            for r0, blk in parts:
-                if r0 < keep:
-                    m = min(blk.shape[0], keep - r0)
-                    blk[:m, a : a + _CHUNK_COLUMNS].copy_(new[r0 : r0 + m])
-        self.rows = keep
-
-    def row(self, i: int) -> torch.Tensor:
-        """Row ``i`` in the storage dtype (a view)."""
-        return self.blocks[i // _BLOCK_ROWS][i % _BLOCK_ROWS]
-
-    def _slices(self) -> Any:
-        """``(first row, rows used, block)`` over the blocks, and the column slices."""
-        for bi, block in enumerate(self.blocks):
-            used = min(block.shape[0], self.rows - bi * _BLOCK_ROWS)
-            if used <= 0:
-                break  # blocks beyond the rows in use (kept after a rotation)
-            for a in range(0, self.dim, _CHUNK_COLUMNS):
-                yield bi * _BLOCK_ROWS, block[:used, a : a + _CHUNK_COLUMNS], a
+        for a, parts in self._store.panels(self.rows, self._width()):
+            old = parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts])
+            self._store.put(a, ct @ old.double())
+        self.rows = ct.shape[0]
 
     def coefficients(self, w: torch.Tensor) -> torch.Tensor:
         """``Q w`` (float64) for a float64 vector ``w``."""
-        narrow = self._narrow.copy_(w) if self.dtype != torch.float64 else w
+        narrow = self._buffer().copy_(w) if self.dtype != torch.float64 else w
         c = torch.zeros(self.rows, dtype=torch.float64, device=self.device)
         for r0, blk, a in self._slices():
             c[r0 : r0 + blk.shape[0]] += blk @ narrow[a : a + blk.shape[1]]
@@ -198,16 +393,29 @@ class StackedBasis:
             self.combine(self.coefficients(w), out=w)
         return w
 
+    def close(self) -> None:
+        """Release the storage (the file, or the blocks); the basis is empty after."""
+        self._store.close()
+        self._narrow = None
+        self.rows = 0
 
-def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+
+def _dot64(a: torch.Tensor, b: torch.Tensor, exact: bool = False) -> float:
     """``a . b`` accumulated in float64 without a float64 copy of either vector.
 
-    float64 vectors: one dot. Others: dots of ``_CHUNK_COLUMNS``-long slices in the
-    storage dtype (one batched product), summed in float64 (as in StackedBasis).
+    Two float64 vectors: one dot. Mixed dtypes, or ``exact``: ``_CHUNK_COLUMNS``-long
+    slices cast to float64 (the float64 dot of the stored values, what a Rayleigh
+    quotient needs). Otherwise (the same narrower dtype): dots of the slices in that
+    dtype (one batched product, faster), summed in float64 (as in StackedBasis).
     """
-    if a.dtype == torch.float64:
+    if a.dtype == b.dtype == torch.float64:
         return float(torch.dot(a, b))
     n = a.numel()
+    if exact or a.dtype != b.dtype:
+        acc = torch.zeros((), dtype=torch.float64, device=a.device)
+        for s in range(0, n, _CHUNK_COLUMNS):
+            acc += torch.dot(a[s : s + _CHUNK_COLUMNS].double(), b[s : s + _CHUNK_COLUMNS].double())
+        return float(acc)
     rows = n // _CHUNK_COLUMNS
     cut = rows * _CHUNK_COLUMNS
     total = 0.0
@@ -221,31 +429,42 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     return total
 
 
+def _residual_norm(hy: torch.Tensor, y: torch.Tensor, rho: float) -> float:
+    """``||hy - rho y||`` accumulated in float64 slice by slice (no full-length copy)."""
+    acc = torch.zeros((), dtype=torch.float64, device=y.device)
+    for s in range(0, y.numel(), _CHUNK_COLUMNS):
+        d = hy[s : s + _CHUNK_COLUMNS].double() - rho * y[s : s + _CHUNK_COLUMNS].double()
+        acc += torch.dot(d, d)
+    return math.sqrt(float(acc))
+
+
 class _ReorthogonalisedStep:
     """One Lanczos step with full reorthogonalisation: the engine of
     :func:`lanczos_tridiagonal` and of the thick restart in :func:`eigenvalues`.
 
-    Holds the next vector ``q`` and the residual ``w`` as reused float64 work vectors
-    (fresh large allocations page-fault every step). A step stores ``q`` as the next
-    basis row, recomputes the recurrence on the stored (rounded) row, and returns
-    ``alpha = q^T H q`` and ``beta = ||w||`` after ``w`` is orthogonalised against the
-    whole basis.
+    Holds one float64 work vector ``w`` (reused: fresh large allocations
+    page-fault every step): between steps the next unit vector, during a step its
+    residual. A step stores ``w`` as the next basis row and applies the operator to
+    the stored (rounded) row ``q``, on which the recurrence is computed:
+    ``alpha = q^T H q`` (accumulated in float64), ``w = H q - alpha q - beta_prev
+    q_prev`` in float64, orthogonalised against the whole basis, ``beta = ||w||``.
     """
 
-    def __init__(self, op: Any, basis: StackedBasis, v0: torch.Tensor) -> None:
+    def __init__(
+        self, op: Any, basis: StackedBasis, v0: torch.Tensor, consume: bool = False
+    ) -> None:
         self.op, self.basis = op, basis
-        self.q = v0.to(dtype=torch.float64, device=basis.device, copy=True)
-        self.q /= torch.linalg.vector_norm(self.q)
-        self.w = torch.empty_like(self.q)
+        # consume: a float64 v0 on the device becomes the work vector (no copy)
+        self.w = v0.to(dtype=torch.float64, device=basis.device, copy=not consume)
+        self.w /= torch.linalg.vector_norm(self.w)
 
     def __call__(self, beta_prev: float) -> tuple[float, float]:
         """The step; ``beta_prev`` couples the new row to the previous one (0: none)."""
-        basis, q, w = self.basis, self.q, self.w
+        basis, w = self.basis, self.w
         j = len(basis)
-        stored = basis.append(q)
-        q.copy_(stored)  # the recurrence uses the vector H is applied to
-        w.copy_(self.op.matvec(stored))
-        a = float(torch.dot(q, w))
+        q = basis.append(w)
+        w.copy_(self.op.matvec(q))
+        a = _dot64(q, w)
         w.add_(q, alpha=-a)
         if j > 0 and beta_prev > 0:
             w.add_(basis.row(j - 1), alpha=-beta_prev)
@@ -254,13 +473,13 @@ class _ReorthogonalisedStep:
 
     def advance(self, beta: float) -> None:
         """The next vector is the residual over its norm."""
-        torch.div(self.w, beta, out=self.q)
+        self.w.div_(beta)
 
     def fresh(self, gen: torch.Generator) -> None:
         """The next vector is random, orthogonal to the basis (after a breakdown)."""
         self.w.copy_(gaussian(self.basis.dim, gen, torch.float64, self.basis.device))
         self.basis.orthogonalise(self.w)
-        torch.div(self.w, torch.linalg.vector_norm(self.w), out=self.q)
+        self.w /= torch.linalg.vector_norm(self.w)
 
 
 def _broke(beta: float, scale: float, dtype: torch.dtype, dim: int) -> bool:
@@ -298,6 +517,8 @@ def lanczos_tridiagonal(
     progress: bool = False,
     desc: str = "lanczos",
     reorthogonalize: bool = True,
+    basis_storage: torch.device | Path | None = None,
+    consume_v0: bool = False,
 ) -> LanczosState:
     """Run up to ``max_steps`` Lanczos steps with full reorthogonalisation from ``v0``.
 
@@ -323,6 +544,12 @@ def lanczos_tridiagonal(
     copies ("ghosts") of them, but its Gauss quadrature of smooth functions stays
     accurate (Meurant and Strakos, Acta Numerica 2006): what SLQ needs, not what
     eigenvectors need. It cannot restart on breakdown.
+
+    ``basis_storage`` says where the basis rows live (:class:`StackedBasis`):
+    ``None`` on the operator's device, or another device or a file directory
+    (checked by :func:`eigenvalues`). ``consume_v0=True`` lets a float64 ``v0`` on
+    the operator's device become the work vector (it is overwritten), which saves
+    one vector of memory.
     """
     if not reorthogonalize:
         if restart_on_breakdown:
@@ -332,8 +559,8 @@ def lanczos_tridiagonal(
         return _plain_tridiagonal(op, v0, max_steps, stop, progress, desc)
     dim = op.dim
     max_steps = min(max_steps, dim)
-    basis = StackedBasis(dim, op.dtype, op.device)
-    step = _ReorthogonalisedStep(op, basis, v0)
+    basis = StackedBasis(dim, op.dtype, op.device, storage=basis_storage)
+    step = _ReorthogonalisedStep(op, basis, v0, consume=consume_v0)
     alphas: list[float] = []
     betas: list[float] = []
     restarts = 0
@@ -458,6 +685,7 @@ def _thick_restart(
     max_basis: int,
     gen: torch.Generator,
     progress: bool,
+    storage: torch.device | Path | None,
 ) -> _Ritz:
     """Thick-restart Lanczos (Wu and Simon 2000) on a basis of at most ``max_basis`` rows.
 
@@ -473,8 +701,8 @@ def _thick_restart(
     """
     dim = op.dim
     n_wanted = 2 * k if which == "both" else k
-    basis = StackedBasis(dim, op.dtype, op.device, capacity=max_basis)
-    step = _ReorthogonalisedStep(op, basis, v0)
+    basis = StackedBasis(dim, op.dtype, op.device, capacity=max_basis, storage=storage)
+    step = _ReorthogonalisedStep(op, basis, v0, consume=True)
     T = np.zeros((max_basis, max_basis))
     keep = _keep_count(n_wanted, max_basis)
     kept = 0  # leading rows that are kept Ritz vectors (coupled through the arrow)
@@ -595,6 +823,7 @@ def eigenvalues(
     return_eigenvectors: bool = False,
     progress: bool = False,
     max_basis: int | None = None,
+    basis_storage: str | torch.device | os.PathLike[str] | None = None,
 ) -> EigenResult:
     """The k largest and/or smallest eigenvalues of a symmetric operator (Lanczos).
 
@@ -646,6 +875,16 @@ def eigenvalues(
             many vectors as a quarter (:data:`BASIS_SHARE`) of the memory now
             available on the operator's device holds (at least ``2 n_wanted + 8``),
             which for most models means no restart.
+        basis_storage: where the basis lives. ``None`` (default): the operator's
+            device. A device (``"cpu"``, ``torch.device``): that device's memory, e.g.
+            host memory for a CUDA operator. A directory (a :class:`pathlib.Path`): an
+            unnamed temporary file there, removed when the call ends. Away from the
+            operator's device the rows are moved to it a panel of at most
+            ``_PANEL_BYTES`` at a time, with the same arithmetic slice by slice, so
+            the result agrees to rounding; the process then holds a panel and one row instead of the
+            basis, and each step moves the basis once or twice (by ``max_basis``
+            rows at most), which costs time. The default ``max_basis`` is then a
+            quarter of that device's available memory or of the disk's free space.
 
     Returns:
         An :class:`EigenResult`. ``converged=False`` comes with a ``RuntimeWarning``
@@ -657,8 +896,10 @@ def eigenvalues(
 
     Note:
         Memory: the basis holds one vector per step, up to ``max_basis``
-        (``dim`` values each in the operator's dtype, on its device), besides the
-        operator's own needs and a few float64 vectors of length ``dim``.
+        (``dim`` values each in the operator's dtype, where ``basis_storage``
+        says), besides the operator's own needs, one float64 work vector and one
+        row-long buffer in the operator's dtype; the returned eigenvectors, when
+        asked for, add ``dim`` values each.
 
         Single-vector Lanczos sees one direction per eigenspace: an eigenvalue of
         multiplicity > 1 is reported once (its copies only appear through restarts
@@ -699,20 +940,24 @@ def eigenvalues(
         max_iter = min(op.dim, max(200, 20 * n_wanted))
     if not isinstance(max_iter, int) or max_iter < n_wanted:
         raise ValueError(f"max_iter: expected an integer >= {n_wanted}, got {max_iter!r}")
-    max_basis = _check_max_basis(max_basis, op, max_iter, n_wanted)
+    storage = _check_basis_storage(basis_storage, op.device)
+    max_basis = _check_max_basis(max_basis, op, max_iter, n_wanted, storage)
     gen, seed_used = make_generator(seed)
-    v0 = gaussian(op.dim, gen, op.dtype, op.device)
+    # the start vector, in float64: the drivers use it as their work vector (no copy)
+    v0 = gaussian(op.dim, gen, op.dtype, op.device).to(torch.float64)
     if max_basis < min(max_iter, op.dim):
         ritz = _thick_restart(
             op, v0, k=k, which=which, tol=tol, max_iter=max_iter, max_basis=max_basis,
-            gen=gen, progress=progress,
+            gen=gen, progress=progress, storage=storage,
         )  # fmt: skip
     else:
         ritz = _unrestarted(op, v0, k=k, which=which, tol=tol, max_iter=max_iter, gen=gen,
-                            progress=progress)  # fmt: skip
+                            progress=progress, storage=storage)  # fmt: skip
+    del v0  # the drivers' work vector
     theta, idx, ritz_res = ritz.theta, ritz.idx, ritz.ritz_res
     threshold = tol * float(np.max(np.abs(theta)))
     rho, res, vectors = _explicit_pairs(op, ritz.basis, ritz.coeffs, return_eigenvectors)
+    ritz.basis.close()
     converged = bool(np.all(res <= threshold))
     if not converged:
         worst = float(np.max(res)) / float(np.max(np.abs(theta)))
@@ -743,6 +988,7 @@ def eigenvalues(
             "steps": ritz.matvecs,
             "restarts": ritz.restarts,
             "max_basis": max_basis,
+            "basis_storage": _storage_name(storage, op.device),
             "thick_restarts": ritz.cycles,
             "stopping_rule": (
                 "Lanczos estimate beta|s_m| <= tol * max|theta| for every wanted Ritz pair; "
@@ -773,6 +1019,7 @@ def _unrestarted(
     max_iter: int,
     gen: torch.Generator,
     progress: bool,
+    storage: torch.device | Path | None,
 ) -> _Ritz:
     """Lanczos on a basis that holds every step (:func:`lanczos_tridiagonal`)."""
     n_wanted = 2 * k if which == "both" else k
@@ -793,7 +1040,7 @@ def _unrestarted(
 
     state = lanczos_tridiagonal(
         op, v0, max_iter, gen=gen, stop=stop, min_block_steps=n_wanted, progress=progress,
-        desc="lanczos",
+        desc="lanczos", basis_storage=storage, consume_v0=True,
     )  # fmt: skip
     theta, s, idx, res = ritz_residuals(state.alpha, state.beta)
     assert state.basis is not None
@@ -804,13 +1051,74 @@ def _unrestarted(
 BASIS_SHARE = 0.25
 
 
-def _check_max_basis(max_basis: Any, op: Any, max_iter: int, n_wanted: int) -> int:
-    """``max_basis`` checked, or its default: the rows a quarter (:data:`BASIS_SHARE`)
-    of the available memory holds, at least ``2 n_wanted + 8``, at most ``max_iter``."""
+def basis_storage_from_text(text: str | None) -> str | Path | None:
+    """A command line's ``basis_storage``: ``None``/``"none"`` (the operator's device),
+    a device name (``"cpu"``, ``"cuda"``, ``"cuda:1"``), or else a directory.
+
+    Example:
+        >>> basis_storage_from_text("cpu"), basis_storage_from_text("/scratch")
+        ('cpu', PosixPath('/scratch'))
+    """
+    if text is None or text == "none":
+        return None
+    if text == "cpu" or text == "cuda" or text.startswith("cuda:"):
+        return text
+    return Path(text)
+
+
+def _check_basis_storage(storage: Any, device: Any) -> torch.device | Path | None:
+    """``basis_storage`` checked: ``None`` (the operator's device), a device (its
+    memory; ``None`` when it is ``device`` itself), or an existing writable
+    directory (given as a path object)."""
+    if storage is None:
+        return None
+    if isinstance(storage, os.PathLike):
+        path = Path(storage)
+        if not path.is_dir():
+            raise ValueError(f"basis_storage: {str(path)!r} is not an existing directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"basis_storage: the directory {str(path)!r} is not writable")
+        return path
+    if isinstance(storage, (str, torch.device)):
+        try:
+            where = resolve_device(storage)
+        except ValueError as err:
+            raise ValueError(
+                f"basis_storage: {storage!r} is not a device here ({err}); a directory for a "
+                "basis file is given as a pathlib.Path"
+            ) from None
+        if where.type not in ("cpu", "cuda"):
+            raise ValueError(f"basis_storage: expected a CPU or CUDA device, got {storage!r}")
+        where = _canonical(where)
+        return None if device is not None and where == _canonical(device) else where
+    raise TypeError(
+        "basis_storage: expected None, a device (str or torch.device) or a directory "
+        f"(pathlib.Path), got {type(storage).__name__}"
+    )
+
+
+def _storage_name(storage: torch.device | Path | None, device: Any) -> str:
+    if storage is None:
+        return f"memory of {torch.device(device)}"
+    if isinstance(storage, Path):
+        return f"file in {storage}"
+    return f"memory of {storage}"
+
+
+def _check_max_basis(
+    max_basis: Any, op: Any, max_iter: int, n_wanted: int, storage: torch.device | Path | None
+) -> int:
+    """``max_basis`` checked, or its default: the rows that a quarter (:data:`BASIS_SHARE`)
+    of the available memory of the storage device (or free space of the basis file's
+    disk) holds, at least ``2 n_wanted + 8``, at most ``max_iter``."""
     least = min(n_wanted + 3, op.dim)
     if max_basis is None:
         row = op.dim * torch.finfo(op.dtype).bits // 8
-        fits = int(available_memory(op.device) * BASIS_SHARE) // max(row, 1)
+        if isinstance(storage, Path):
+            room = shutil.disk_usage(storage).free
+        else:
+            room = available_memory(op.device if storage is None else storage)
+        fits = int(room * BASIS_SHARE) // max(row, 1)
         return min(max_iter, op.dim, max(fits, 2 * n_wanted + 8))
     if isinstance(max_basis, bool) or not isinstance(max_basis, int) or max_basis < least:
         raise ValueError(
@@ -825,24 +1133,25 @@ def _explicit_pairs(
 ) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
     """Rayleigh quotients and explicit residuals of the Ritz vectors ``Q^T s_i``.
 
-    Each vector is formed in float64, rounded to the operator's dtype (the vector
-    that is returned), normalised and multiplied once by the operator; quotient and
-    residual are float64. Vectors are kept (in the operator's dtype) only if asked.
+    Each vector is formed in float64, normalised, rounded to the operator's dtype
+    (the vector that is returned) and multiplied once by the operator; for the
+    rounded ``y``, ``rho = y^T H y / y^T y`` and ``||H y - rho y|| / ||y||`` are
+    accumulated in float64 slice by slice, so only ``y`` and its product are held.
+    Vectors are kept (in the operator's dtype) only if asked.
     """
     rho = np.empty(coeffs.shape[1])
     res = np.empty(coeffs.shape[1])
     kept = []
     for i in range(coeffs.shape[1]):
-        y = basis.combine(torch.as_tensor(coeffs[:, i]))
-        y = (y / torch.linalg.vector_norm(y)).to(op.dtype)  # the vector returned
-        hy = op.matvec(y).to(torch.float64, copy=True)  # only y is held besides the product
-        y64 = y.to(torch.float64)
-        norm = torch.linalg.vector_norm(y64)
-        y64 /= norm
-        hy /= norm
-        rho[i] = float(torch.dot(y64, hy))
-        res[i] = float(torch.linalg.vector_norm(hy.sub_(y64, alpha=rho[i])))
-        del hy, y64
+        y64 = basis.combine(torch.as_tensor(coeffs[:, i]))
+        y64 /= torch.linalg.vector_norm(y64)
+        y = y64.to(op.dtype)  # the vector returned (y64 itself for a float64 operator)
+        del y64
+        hy = op.matvec(y)
+        norm2 = _dot64(y, y, exact=True)
+        rho[i] = _dot64(y, hy, exact=True) / norm2
+        res[i] = _residual_norm(hy, y, float(rho[i])) / math.sqrt(norm2)
+        del hy
         if keep:
             kept.append(y)
     return rho, res, torch.stack(kept, dim=1) if keep else None
