@@ -164,10 +164,28 @@ class MetricSpec:
         return {k: o.default for k, o in self.options.items()}
 
 
+_MAX_BASIS = Option(
+    int,
+    None,
+    "most Lanczos vectors held at once, thick restart beyond "
+    "(none: what a quarter of the available memory holds)",
+    low=4,
+    allow_none=True,
+)
+_BASIS_STORAGE = Option(
+    str,
+    None,
+    "where the Lanczos basis lives: none (the model's device), cpu, cuda, or a "
+    "directory for a temporary file",
+    allow_none=True,
+)
+
+
 def _lanczos(name: str, what: str, k: bool = False) -> MetricSpec:
     opts = {"tol": _TOL}
     if k:
         opts = {"k": _count("number of eigenvalues", 5), "tol": _TOL}
+    opts |= {"max_basis": _MAX_BASIS, "basis_storage": _BASIS_STORAGE}
     return MetricSpec(name, what, opts, frozenset({"hvp"}), "n/a: Lanczos", True)
 
 

@@ -218,11 +218,16 @@ def _curvature(
 ) -> MetricResult:
     """A curvature metric on ``op``; its cost is ``batches`` HVPs per product."""
     from sharpkit.curvature import eigenvalues, spectral_density, trace
+    from sharpkit.curvature.lanczos import basis_storage_from_text
 
     if name in ("lambda_max", "top_k", "lambda_min"):
         which = "smallest" if name == "lambda_min" else "largest"
         k = opts.get("k", 1)
-        res = eigenvalues(op, k=k, which=which, tol=opts["tol"], seed=seed, progress=progress)
+        res = eigenvalues(
+            op, k=k, which=which, tol=opts["tol"], seed=seed, progress=progress,
+            max_basis=opts.get("max_basis"),
+            basis_storage=basis_storage_from_text(opts.get("basis_storage")),
+        )  # fmt: skip
         return MetricResult(
             name=name,
             value=float(res.eigenvalues[0]),
@@ -510,6 +515,7 @@ def check_requirements(
     """
     from sharpkit._batch import as_batch_loss
     from sharpkit.curvature.hessian import linearize_blocker
+    from sharpkit.curvature.lanczos import _check_basis_storage, basis_storage_from_text
 
     as_batch_loss(loss_fn, reduction="mean")  # a TypeError/ValueError naming loss_fn
     criterion = loss_fn if isinstance(loss_fn, nn.modules.loss._Loss) else None
@@ -518,6 +524,17 @@ def check_requirements(
         if name.startswith("pac_bayes"):
             try:
                 check_max_drop(options[name]["target"], options[name]["max_drop"])
+            except ValueError as err:
+                raise ValueError(f"options: {name}.{err}") from None
+        if "max_basis" in options.get(name, {}):
+            wanted, most = options[name].get("k", 1), options[name]["max_basis"]
+            if most is not None and most < wanted + 3:
+                raise ValueError(
+                    f"options: {name}.max_basis: expected at least {wanted + 3} (the {wanted} "
+                    f"wanted vectors and room to grow), got {most}"
+                )
+            try:
+                _check_basis_storage(basis_storage_from_text(options[name]["basis_storage"]), None)
             except ValueError as err:
                 raise ValueError(f"options: {name}.{err}") from None
         needs = REGISTRY[name].needs

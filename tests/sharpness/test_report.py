@@ -95,6 +95,25 @@ def test_table_and_options(report) -> None:
         measure_sharpness(net, nn.CrossEntropyLoss(), data, ["worst_case"], options={"x": {}})
 
 
+def test_lanczos_basis_options(tmp_path) -> None:
+    # top_k with a basis of 8 vectors in a file: thick restarts, the dense answer;
+    # a basis too small for k is refused before any product.
+    net, data = _float32()
+    evals = torch.linalg.eigvalsh(dense_hessian(net, nn.CrossEntropyLoss(), data)).flip(0)
+    opts = {"top_k": {"max_basis": 8, "basis_storage": str(tmp_path)}}
+    rep = measure_sharpness(net, nn.CrossEntropyLoss(), [data], ["top_k"], options=opts, seed=0)
+    extra = rep.metrics["top_k"].protocol.extra
+    assert extra["max_basis"] == 8 and extra["thick_restarts"] >= 1
+    assert extra["basis_storage"] == f"file in {tmp_path}"
+    assert rep.metrics["top_k"].details["eigenvalues"] == pytest.approx(
+        evals[:5].tolist(), rel=1e-3
+    )
+    with pytest.raises(ValueError, match="top_k.max_basis: expected at least 8"):
+        measure_sharpness(
+            net, nn.CrossEntropyLoss(), [data], ["top_k"], options={"top_k": {"max_basis": 7}}
+        )
+
+
 def test_linearize_products_give_the_same_curvature() -> None:
     net, data = _float32()
     H = dense_hessian(net, nn.CrossEntropyLoss(), data)
