@@ -38,6 +38,7 @@ import json
 import multiprocessing as mp
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -444,18 +445,32 @@ def _memory_child(size: str, which: str, quick: bool, batch: dict[str, int], que
     queue.put(_peak_rss_mib() - base)
 
 
-def _budget_child(
-    size: str, max_basis: int, quick: bool, batch: dict[str, int], queue: Any
-) -> None:
+def _budget_item(item: str) -> tuple[str, int | None]:
+    """``"12"`` (a basis of 12 vectors in memory), ``"file:12"`` or ``"file"`` (in a
+    temporary file, 12 rows or the default number): storage and ``max_basis``."""
+    where, sep, n = item.partition(":")
+    if not sep:
+        where, n = ("file", "") if item == "file" else ("memory", item)
+    if where not in ("memory", "file") or not (n.isdigit() or (where == "file" and n == "")):
+        raise SystemExit(f"--max-basis: {item!r}: expected N, file:N or file")
+    return where, int(n) if n else None
+
+
+def _budget_child(size: str, item: str, quick: bool, batch: dict[str, int], queue: Any) -> None:
+    where, max_basis = _budget_item(item)
     model, data, base = _fresh_child(size, quick, batch)
     op = Counted(HessianOperator(model, _loss(), data[0]))
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        r = eigenvalues(op, k=5, tol=ACC, seed=0, max_basis=max_basis)
+    with tempfile.TemporaryDirectory(prefix="bench-scale-basis-") as tmp:
+        storage = Path(tmp) if where == "file" else None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = eigenvalues(op, k=5, tol=ACC, seed=0, max_basis=max_basis, basis_storage=storage)
     total = time.perf_counter() - t0
     queue.put(
         {
+            "storage": where,
+            "basis_mib": r.protocol.extra["max_basis"] * op.dim * 4 / 2**20,
             "max_basis": r.protocol.extra["max_basis"],
             "thick_restarts": r.protocol.extra["thick_restarts"],
             "products": r.num_matvecs,
@@ -470,9 +485,10 @@ def _budget_child(
     )
 
 
-def budget_rows(size: str, quick: bool, bases: list[int]) -> list[dict[str, Any]]:
-    """Top-5 at tol 1e-3 with a bounded Lanczos basis (thick restart), each in a fresh
-    process: products, time, explicit residuals and the peak memory."""
+def budget_rows(size: str, quick: bool, bases: list[str]) -> list[dict[str, Any]]:
+    """Top-5 at tol 1e-3 with a bounded Lanczos basis (thick restart), in memory or in
+    a file (``_budget_item``), each in a fresh process: products, time, explicit
+    residuals and the peak memory."""
     ctx = mp.get_context("spawn")
     out = []
     for b in bases:
@@ -607,7 +623,10 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated subset of products,eigs,trace,slq,bookkeeping,memory,budget",
     )
     ap.add_argument(
-        "--max-basis", default="12,20,32", help="the budget stage's Lanczos basis sizes"
+        "--max-basis",
+        default="12,20,file:12,file:20",
+        help="the budget stage's Lanczos bases: N (N vectors in memory), file:N (in a "
+        "temporary file), file (default size, in a file)",
     )
     ap.add_argument("--out", default=None)
     ap.add_argument("--batch", default="", help="per-model batch sizes, e.g. S=4,M=2")
@@ -664,7 +683,7 @@ def main(argv: list[str] | None = None) -> None:
             elif stage == "bookkeeping":
                 m["bookkeeping"] = bookkeeping_rows(size, args.quick, 30)
             elif stage == "budget":
-                bases = [int(b) for b in args.max_basis.split(",")]
+                bases = args.max_basis.split(",")
                 m["budget"] = budget_rows(size, args.quick, bases)
             elif stage == "memory":
                 m["peak_mb"] = {
@@ -772,10 +791,10 @@ def main(argv: list[str] | None = None) -> None:
             f"#### Top-5 at tol {ACC:g} with a bounded Lanczos basis (max_basis vectors, "
             "thick restart), each in a fresh process (1 thread)",
             "",
-            "| model | max_basis | thick restarts | products (/ PyHessian's) | wall time | "
-            "converged (largest relative explicit residual) | error vs eigsh | "
+            "| model | max_basis | basis storage | thick restarts | products (/ PyHessian's) | "
+            "wall time | converged (largest relative explicit residual) | error vs eigsh | "
             "peak memory MiB (/ 3 reference products) |",
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for size, m in measured.items():
             ph = m.get("eigs", {}).get("top5", {}).get("pyhessian", {}).get("products")
@@ -787,8 +806,11 @@ def main(argv: list[str] | None = None) -> None:
                 mem = f"{b['peak_mib']:.0f}" + (
                     f" ({b['peak_mib'] / ref_mb:.2f})" if ref_mb else ""
                 )
+                where = b.get("storage", "memory")
+                if where == "file":
+                    where = f"file ({b['basis_mib']:.0f} MiB)"
                 notes.append(
-                    f"| {size} | {b['max_basis']} | {b['thick_restarts']} | {prod} | "
+                    f"| {size} | {b['max_basis']} | {where} | {b['thick_restarts']} | {prod} | "
                     f"{b['seconds']:.0f}s | {b['converged']} ({b['max_rel_residual']:.1e}) | "
                     f"{err} | {mem} |"
                 )
