@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,31 +244,6 @@ def test_float32_below_its_precision_is_not_converged() -> None:
     assert eigenvalues(op, k=2, seed=0).converged
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_stacked_basis_products_match_dense(monkeypatch, dtype) -> None:
-    # Several row blocks and column slices (one of them short): Q w, Q^T c and the
-    # Gram-Schmidt step agree with dense float64 arithmetic on the stored rows.
-    from sharpkit.curvature import lanczos
-
-    monkeypatch.setattr(lanczos, "_CHUNK_COLUMNS", 7)
-    monkeypatch.setattr(lanczos, "_BLOCK_ROWS", 4)
-    g = torch.Generator().manual_seed(0)
-    q, _ = torch.linalg.qr(torch.randn(30, 10, generator=g, dtype=F64))
-    basis = lanczos.StackedBasis(30, dtype, torch.device("cpu"))
-    for row in q.T:
-        basis.append(row)
-    assert len(basis) == 10 and basis.allocated_rows == 12  # 3 blocks of 4
-    Q = torch.stack([basis.row(i).to(F64) for i in range(10)])
-    w = torch.randn(30, generator=g, dtype=F64)
-    c = torch.randn(10, generator=g, dtype=F64)
-    atol = 1e-12 if dtype == F64 else 1e-6
-    torch.testing.assert_close(basis.coefficients(w), Q @ w, atol=atol, rtol=0)
-    torch.testing.assert_close(basis.combine(c), Q.T @ c, atol=atol, rtol=0)
-    r = basis.orthogonalise(w.clone())
-    torch.testing.assert_close(Q @ r, torch.zeros(10, dtype=F64), atol=atol, rtol=0)
-    torch.testing.assert_close(r, w - Q.T @ (Q @ w), atol=atol, rtol=0)
-
-
 # ---------------------------------------------------------------- thick restart (max_basis)
 
 
@@ -333,8 +309,17 @@ def test_default_basis_follows_the_memory_budget(monkeypatch) -> None:
         torch.testing.assert_close(r.eigenvalues, ref, atol=REL * ref[0], rtol=0)
 
 
-@pytest.mark.parametrize("bad", [0, 4, 2.5, True, "10"])
-def test_bad_max_basis_is_refused_before_any_compute(bad) -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        *[({"max_basis": bad}, ValueError, "max_basis") for bad in (0, 4, 2.5, True, "10")],
+        ({"basis_storage": Path("/nonexistent-sharpkit-dir")}, ValueError, "not an existing"),
+        ({"basis_storage": "no-such-device"}, ValueError, "pathlib.Path"),
+        ({"basis_storage": "meta"}, ValueError, "CPU or CUDA"),
+        ({"basis_storage": 3}, TypeError, "basis_storage"),
+    ],
+)
+def test_bad_basis_options_are_refused_before_any_compute(kwargs, error, match) -> None:
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
     op_calls = []
@@ -346,8 +331,8 @@ def test_bad_max_basis_is_refused_before_any_compute(bad) -> None:
             op_calls.append(1)
             return v
 
-    with pytest.raises(ValueError, match="max_basis"):
-        eigenvalues(Op(), k=2, seed=gen, max_basis=bad)
+    with pytest.raises(error, match=match):
+        eigenvalues(Op(), k=2, seed=gen, **kwargs)
     assert not op_calls and torch.equal(gen.get_state(), state)
 
 
