@@ -174,8 +174,9 @@ class HessianOperator:
             caches every batch, ``False`` none, ``None`` (default) as many batches as
             ``cache_budget`` holds, in order (at least the first).
         cache_budget: the bytes the cached gradient graphs of ``cache_graph=None``
-            may hold, measured as the storage of the tensors the graph saves plus
-            the gradients (the parameters and batches, held anyway, not counted).
+            may hold, measured as the storage of the tensors the graph saves (the
+            parameters and batches, held anyway, not counted; the gradient tensors
+            themselves are not kept, only the graph behind them).
             ``None``: :func:`default_cache_budget` (a quarter of the memory
             available on the device at construction). The budget is not
             applied to ``"linearize"``.
@@ -226,6 +227,21 @@ class HessianOperator:
         on ``device``): later optimizer steps on the model do not change the
         operator; build a new one at new weights. Memory: one copy of the model's
         state and of the data, plus the cached graphs (at most ``cache_budget``).
+
+        What a ``"rev-rev"`` product holds beyond that: the result, per parameter,
+        in the ``.grad`` fields of the operator's own leaf tensors (never the
+        model's), which autograd's AccumulateGrad fills with the first batch's
+        gradient and adds every later batch into in place (a batch's weight
+        ``n_b / N`` multiplies its loss inside the graph, so no vector is scaled);
+        while a double backward runs, autograd's partial gradients of the
+        parameters still waiting for their second contribution (each weight gets
+        one from the gradient's graph and one from the forward graph: up to one
+        parameter-sized vector, which in the first batch becomes the result
+        itself) and activation-sized intermediates; at the end one flat copy of
+        the result, the returned vector. An uncached batch adds its forward and
+        backward pass, freed after its product. ``"fwd-rev"`` and
+        ``"linearize"`` hold a batch's per-parameter product and the flat sum.
+        A product leaves nothing behind but the returned vector.
 
     References:
         Pearlmutter. Fast exact multiplication by the Hessian. Neural Computation 6(1),
@@ -416,6 +432,8 @@ class HessianOperator:
         leaves = self._leaves()
         with torch.enable_grad():
             loss = self._weighted_loss(leaves, batch, weight)
+            if not loss.requires_grad:  # no selected parameter is used: H = 0
+                return leaves, []
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         # a gradient that is None (unused parameter) or needs no grad (the loss is at
         # most linear in the leaves through it) adds nothing to H v
@@ -613,7 +631,8 @@ class HessianOperator:
             leaves = self._leaves()
             with torch.enable_grad():
                 loss = self._weighted_loss(leaves, batch, w, second_order=False)
-            grads = self._accumulate(grads, leaves, [loss], None, retain_graph=False)
+            if loss.requires_grad:  # else no selected parameter is used: gradient 0
+                grads = self._accumulate(grads, leaves, [loss], None, retain_graph=False)
         return self._flat(grads)
 
     def blocks(self, by: str = "module") -> dict[str, HessianOperator]:
