@@ -234,9 +234,9 @@ class HessianOperator:
         gradient and adds every later batch into in place (a batch's weight
         ``n_b / N`` multiplies its loss inside the graph, so no vector is scaled);
         while a double backward runs, autograd's partial gradients of the
-        parameters still waiting for their second contribution (each weight gets
-        one from the gradient's graph and one from the forward graph: up to one
-        parameter-sized vector, which in the first batch becomes the result
+        parameters still waiting for their second contribution (a layer's weight
+        gets one from the gradient's graph and one from the forward graph: up to
+        one parameter-sized vector, which in the first batch becomes the result
         itself) and activation-sized intermediates; at the end one flat copy of
         the result, the returned vector. An uncached batch adds its forward and
         backward pass, freed after its product. ``"fwd-rev"`` and
