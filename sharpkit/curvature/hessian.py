@@ -91,6 +91,10 @@ _CACHING = ("rev-rev", "linearize")
 #: the groupings of :meth:`HessianOperator.blocks`
 _BLOCKS = ("module", "parameter", "lora")
 
+#: one batch's gradient graph: its leaves, and ``(parameter index, gradient edge)`` of the
+#: gradients that depend on the leaves
+_Graph = tuple[list[torch.Tensor], list[tuple[int, torch.autograd.graph.GradientEdge]]]
+
 
 def linearize_blocker(loss_fn: Any) -> str | None:
     """Why ``hvp="linearize"`` must not run with ``loss_fn``, or ``None``.
@@ -170,8 +174,9 @@ class HessianOperator:
             caches every batch, ``False`` none, ``None`` (default) as many batches as
             ``cache_budget`` holds, in order (at least the first).
         cache_budget: the bytes the cached gradient graphs of ``cache_graph=None``
-            may hold, measured as the storage of the tensors the graph saves plus
-            the gradients (the parameters and batches, held anyway, not counted).
+            may hold, measured as the storage of the tensors the graph saves (the
+            parameters and batches, held anyway, not counted; the gradient tensors
+            themselves are not kept, only the graph behind them).
             ``None``: :func:`default_cache_budget` (a quarter of the memory
             available on the device at construction). The budget is not
             applied to ``"linearize"``.
@@ -222,6 +227,21 @@ class HessianOperator:
         on ``device``): later optimizer steps on the model do not change the
         operator; build a new one at new weights. Memory: one copy of the model's
         state and of the data, plus the cached graphs (at most ``cache_budget``).
+
+        What a ``"rev-rev"`` product holds beyond that: the result, per parameter,
+        in the ``.grad`` fields of the operator's own leaf tensors (never the
+        model's), which autograd's AccumulateGrad fills with the first batch's
+        gradient and adds every later batch into in place (a batch's weight
+        ``n_b / N`` multiplies its loss inside the graph, so no vector is scaled);
+        while a double backward runs, autograd's partial gradients of the
+        parameters still waiting for their second contribution (a layer's weight
+        gets one from the gradient's graph and one from the forward graph: up to
+        one parameter-sized vector, which in the first batch becomes the result
+        itself) and activation-sized intermediates; at the end one flat copy of
+        the result, the returned vector. An uncached batch adds its forward and
+        backward pass, freed after its product. ``"fwd-rev"`` and
+        ``"linearize"`` hold a batch's per-parameter product and the flat sum.
+        A product leaves nothing behind but the returned vector.
 
     References:
         Pearlmutter. Fast exact multiplication by the Hessian. Neural Computation 6(1),
@@ -352,7 +372,7 @@ class HessianOperator:
         self.cached_batches: int | None = None
         #: bytes held by the cached gradient graphs (saved tensors; after the first product)
         self.cache_bytes: int | None = None
-        self._graphs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+        self._graphs: list[_Graph] | None = None
         self._linear: list[Callable[..., Any]] | None = None
         self.num_matvecs = 0
 
@@ -394,19 +414,40 @@ class HessianOperator:
     def _leaves(self) -> list[torch.Tensor]:
         return [p.detach().requires_grad_(True) for p in self._params.values()]
 
-    def _grad_graph(self, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _weighted_loss(
+        self, leaves: list[torch.Tensor], batch: Any, weight: float, *, second_order: bool = True
+    ) -> torch.Tensor:
+        """``n_b / N`` times the batch loss: the weight of the average enters the graph at
+        its root, so no product or gradient scales a parameter-sized vector."""
+        loss = self._loss(dict(zip(self._params, leaves)), batch, second_order=second_order)
+        return loss if weight == 1.0 else loss * weight
+
+    def _grad_graph(self, batch: Any, weight: float) -> _Graph:
+        """The gradient graph of one (weighted) batch: the leaves it was built on and the
+        gradient edges of the gradients that depend on the leaves, by parameter index.
+
+        Only the edges are kept, not the gradient tensors: a double backward needs the
+        graph behind a gradient, not its values, so the gradients' own storage (one
+        parameter-sized vector in all) is freed here unless the graph saved it."""
         leaves = self._leaves()
         with torch.enable_grad():
-            loss = self._loss(dict(zip(self._params, leaves)), batch)
+            loss = self._weighted_loss(leaves, batch, weight)
+            if not loss.requires_grad:  # no selected parameter is used: H = 0
+                return leaves, []
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        return leaves, [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, leaves)]
+        # a gradient that is None (unused parameter) or needs no grad (the loss is at
+        # most linear in the leaves through it) adds nothing to H v
+        roots = [
+            (j, torch.autograd.graph.get_gradient_edge(g))
+            for j, g in enumerate(grads)
+            if g is not None and g.requires_grad
+        ]
+        return leaves, roots
 
-    def _measured_graph(
-        self, batch: Any
-    ) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor]], int]:
+    def _measured_graph(self, batch: Any, weight: float) -> tuple[_Graph, int]:
         """The gradient graph of one batch and the bytes it holds: the storages of the
-        tensors its nodes save (the activations of the forward and backward passes)
-        and of the gradients, not counting the parameters and the batch."""
+        tensors its nodes save (the activations of the forward and backward passes),
+        not counting the parameters and the batch."""
         held = {t.untyped_storage().data_ptr() for t in self._params.values()}
         held |= {
             t.untyped_storage().data_ptr()
@@ -422,32 +463,60 @@ class HessianOperator:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            graph = self._grad_graph(batch)
-        grads = sum(g.untyped_storage().nbytes() for g in graph[1])
-        return graph, sum(saved.values()) + grads
+            graph = self._grad_graph(batch, weight)
+        return graph, sum(saved.values())
 
-    def _hvp_revrev(
-        self, batch: Any, vs: list[torch.Tensor], cached: int | None
-    ) -> list[torch.Tensor]:
-        if cached is not None:
-            assert self._graphs is not None
-            leaves, grads = self._graphs[cached]
-            retain = True
-        else:
-            leaves, grads = self._grad_graph(batch)
-            retain = False
-        pairs = [(g, v) for g, v in zip(grads, vs) if g.requires_grad]
-        if not pairs:  # the loss is at most linear in these parameters
-            return [torch.zeros_like(v) for v in vs]
-        with torch.enable_grad():
-            hv = torch.autograd.grad(
-                [g for g, _ in pairs],
-                leaves,
-                grad_outputs=[v for _, v in pairs],
-                retain_graph=retain,
-                allow_unused=True,
+    @staticmethod
+    def _accumulate(
+        sums: list[torch.Tensor | None],
+        leaves: list[torch.Tensor],
+        roots: Sequence[Any],
+        grad_tensors: Sequence[torch.Tensor] | None,
+        *,
+        retain_graph: bool,
+    ) -> list[torch.Tensor | None]:
+        """``sums`` plus the gradient of ``roots`` (weighted by ``grad_tensors``) w.r.t.
+        ``leaves``, per parameter (``None``: no gradient so far).
+
+        Autograd does the sum: each leaf's ``.grad`` is its entry of ``sums`` during the
+        pass, and AccumulateGrad adds into an existing ``.grad`` in place, or keeps the
+        gradient the pass computed as the new ``.grad`` (no copy). The leaves hold no
+        ``.grad`` afterwards, so nothing carries over to the next pass."""
+        for leaf, s in zip(leaves, sums):
+            leaf.grad = s
+        try:
+            torch.autograd.backward(
+                list(roots), grad_tensors, retain_graph=retain_graph, inputs=leaves
             )
-        return [h if h is not None else torch.zeros_like(v) for h, v in zip(hv, vs)]
+            return [leaf.grad for leaf in leaves]
+        finally:
+            for leaf in leaves:
+                leaf.grad = None
+
+    def _flat(self, parts: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """:meth:`flatten` with zeros for the ``None`` entries (no gradient)."""
+        out = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        for view, part in zip(self.unflatten(out), parts):
+            if part is None:
+                view.zero_()
+            else:
+                view.copy_(part)
+        return out
+
+    def _hvp_revrev(self, vs: list[torch.Tensor], cached: int) -> list[torch.Tensor | None]:
+        """``H v = sum_b (n_b / N) H_b v`` per parameter, by double backward: the weights
+        are in the graphs' losses and autograd accumulates over the batches."""
+        hv: list[torch.Tensor | None] = [None] * len(vs)
+        for i, (w, batch) in enumerate(zip(self._weights, self._batches)):
+            if i < cached:
+                assert self._graphs is not None
+                leaves, roots = self._graphs[i]
+            else:
+                leaves, roots = self._grad_graph(batch, w)
+            if roots:  # else the loss is at most linear in these parameters
+                edges, directions = [e for _, e in roots], [vs[j] for j, _ in roots]
+                hv = self._accumulate(hv, leaves, edges, directions, retain_graph=i < cached)
+        return hv
 
     def _hvp_fwdrev(self, batch: Any, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         names = list(self._params)
@@ -496,8 +565,8 @@ class HessianOperator:
             self.cached_batches = self.num_batches
         if self.hvp == "rev-rev" and self.cache_graph and self._graphs is None:
             graphs, used = [], 0
-            for batch in self._batches:
-                graph, size = self._measured_graph(batch)
+            for batch, weight in zip(self._batches, self._weights):
+                graph, size = self._measured_graph(batch, weight)
                 if graphs and self.cache_budget is not None and used + size > self.cache_budget:
                     del graph  # over the budget: this and later batches are recomputed
                     break
@@ -521,26 +590,25 @@ class HessianOperator:
             raise TypeError(f"v: expected a tensor, got {type(v).__name__}")
         v = v.detach().to(device=self.device, dtype=self.dtype)
         vs = self.unflatten(v)
-        out: torch.Tensor | None = None
         if self.cached_batches is None:
             self._build_caches()
         cached = self.cached_batches or 0
-        for i, (w, batch) in enumerate(zip(self._weights, self._batches)):
-            if self.hvp == "linearize":
-                assert self._linear is not None
-                hv = self._linear[i](vs)
-            elif self.hvp == "rev-rev":
-                hv = self._hvp_revrev(batch, vs, i if i < cached else None)
-            else:
-                hv = self._hvp_fwdrev(batch, vs)
-            flat = self.flatten([h.detach() for h in hv])
-            if self.num_batches == 1:
-                out = flat  # weight 1: no extra pass over the vector
-            elif out is None:
-                out = flat.mul_(w)
-            else:
-                out.add_(flat, alpha=w)
-        assert out is not None
+        if self.hvp == "rev-rev":
+            out = self._flat(self._hvp_revrev(vs, cached))
+        else:
+            out = None
+            for i, (w, batch) in enumerate(zip(self._weights, self._batches)):
+                if self.hvp == "linearize":
+                    assert self._linear is not None
+                    hv = self._linear[i](vs)
+                else:
+                    hv = self._hvp_fwdrev(batch, vs)
+                if out is None:  # after the batch's work has freed its intermediates
+                    out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+                for view, h in zip(self.unflatten(out), hv):
+                    view.add_(h.detach(), alpha=w)
+                del hv
+            assert out is not None
         self.num_matvecs += 1
         if not bool(torch.isfinite(out).all()):
             raise ValueError(
@@ -558,19 +626,14 @@ class HessianOperator:
         """The flat gradient of the weighted loss (for comparisons and timing).
 
         A first-order evaluation: attention keeps its fused kernels."""
-        out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        grads: list[torch.Tensor | None] = [None] * len(self.shapes)
         for w, batch in zip(self._weights, self._batches):
             leaves = self._leaves()
             with torch.enable_grad():
-                loss = self._loss(dict(zip(self._params, leaves)), batch, second_order=False)
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            out.add_(
-                self.flatten(
-                    [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, leaves)]
-                ),
-                alpha=w,
-            )
-        return out
+                loss = self._weighted_loss(leaves, batch, w, second_order=False)
+            if loss.requires_grad:  # else no selected parameter is used: gradient 0
+                grads = self._accumulate(grads, leaves, [loss], None, retain_graph=False)
+        return self._flat(grads)
 
     def blocks(self, by: str = "module") -> dict[str, HessianOperator]:
         """Diagonal blocks of ``H``: one operator per module (``by="module"``), per

@@ -487,3 +487,118 @@ def test_no_private_constructor_arguments() -> None:
     names = list(inspect.signature(HessianOperator).parameters)
     assert not [n for n in names if n.startswith("_")], names
     assert "random_state" in names and "cache_budget" in names
+
+
+class _UnusedAndLinear(nn.Module):
+    """A tanh MLP, a module the forward never calls and a parameter the loss is linear in
+    (its gradient is a constant: no second derivative flows through it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.unused = nn.Linear(2, 2)
+        self.shift = nn.Parameter(torch.randn(3))
+        self.register_buffer("c", torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.body(x), (self.shift * self.c).sum()
+
+
+def _linear_term_loss(model, batch):
+    logits, linear = model(batch[0])
+    return nn.functional.cross_entropy(logits, batch[1]) + linear
+
+
+def _unused_case(batches: str):
+    model = _UnusedAndLinear().to(F64)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(13, 4, generator=g, dtype=F64), torch.randint(0, 3, (13,), generator=g)
+    full = (x, y)
+    data = full if batches == "one" else [(x[:6], y[:6]), (x[6:10], y[6:10]), (x[10:], y[10:])]
+    return model, data, full
+
+
+def _offsets(model: nn.Module) -> dict[str, slice]:
+    out, start = {}, 0
+    for n, p in model.named_parameters():
+        out[n] = slice(start, start + p.numel())
+        start += p.numel()
+    return out
+
+
+@pytest.mark.parametrize("batches", ["one", "uneven"])
+@pytest.mark.parametrize(
+    ("hvp", "cache"),
+    [("rev-rev", True), ("rev-rev", False), ("rev-rev", "first only"), ("fwd-rev", False),
+     ("linearize", True)],
+)  # fmt: skip
+def test_products_with_unused_and_linear_parameters_equal_dense(
+    batches: str, hvp: str, cache: bool | str
+) -> None:
+    """Products over one batch or three uneven ones (6, 4, 3 examples), with a parameter
+    the loss never uses and one it is linear in, cached, uncached, or the first batch
+    cached and the rest recomputed (budget 0): the dense float64 Hessian of the full
+    batch times v, zero rows included; the same for every block of blocks(), and the
+    gradient equals autograd's on the full batch."""
+    model, data, full = _unused_case(batches)
+    H = dense_hessian(model, _linear_term_loss, full)
+    kw = (
+        {"cache_graph": None, "cache_budget": 0}
+        if cache == "first only"
+        else {"cache_graph": cache}
+    )
+    op = HessianOperator(model, _linear_term_loss, data, dtype=F64, hvp=hvp, **kw)
+    V = _probe(op.dim)
+    torch.testing.assert_close(op @ V, H @ V, atol=MATVEC_ATOL, rtol=0)
+    sl = _offsets(model)
+    for name in ("unused.weight", "unused.bias", "shift"):
+        assert H[sl[name]].abs().max() == 0 and (op @ V)[sl[name]].abs().max() == 0
+    if hvp == "rev-rev":
+        n_batches = 1 if batches == "one" else 3
+        expected = {True: n_batches, False: 0, "first only": 1}[cache]
+        assert op.cached_batches == expected
+    for key, block in op.blocks().items():
+        idx = torch.cat([torch.arange(sl[n].start, sl[n].stop) for n in block.param_names])
+        E = torch.eye(block.dim, dtype=F64)
+        torch.testing.assert_close(block @ E, H[idx][:, idx], atol=MATVEC_ATOL, rtol=0, msg=key)
+    params = list(model.parameters())
+    reference = torch.autograd.grad(_linear_term_loss(model, full), params, allow_unused=True)
+    reference = torch.cat(
+        [
+            (r if r is not None else torch.zeros_like(p)).reshape(-1)
+            for r, p in zip(reference, params)
+        ]
+    )
+    torch.testing.assert_close(op.gradient(), reference, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("cache_graph", [True, False])
+def test_products_leave_no_gradients_behind(cache_graph: bool) -> None:
+    """Products accumulate in autograd's .grad fields of the operator's own leaves: the
+    caller's .grad fields (set or None) and v stay as they were, the leaves hold no
+    .grad afterwards, and two different vectors in a row give H v1 and H v2 (not a
+    sum); repeating v1 gives the first result exactly."""
+    model, data, full = _unused_case("uneven")
+    g = torch.Generator().manual_seed(4)
+    for name, p in model.named_parameters():
+        if name != "body.0.bias":  # one parameter keeps .grad None
+            p.grad = torch.randn(p.shape, generator=g, dtype=F64)
+    grads = {n: (p.grad, None if p.grad is None else p.grad.clone())
+             for n, p in model.named_parameters()}  # fmt: skip
+    H = dense_hessian(model, _linear_term_loss, full)
+    op = HessianOperator(model, _linear_term_loss, data, dtype=F64, cache_graph=cache_graph)
+    v1, v2 = _probe(op.dim, seed=1, cols=2).T
+    v1_before = v1.clone()
+    first, second, again = op.matvec(v1), op.matvec(v2), op.matvec(v1)
+    op.gradient()
+    torch.testing.assert_close(first, H @ v1, atol=MATVEC_ATOL, rtol=0)
+    torch.testing.assert_close(second, H @ v2, atol=MATVEC_ATOL, rtol=0)
+    assert torch.equal(again, first)
+    assert torch.equal(v1, v1_before)
+    for leaves, _ in op._graphs or []:
+        assert all(leaf.grad is None for leaf in leaves)
+    for name, p in model.named_parameters():
+        obj, value = grads[name]
+        assert p.grad is obj, name
+        assert value is None or torch.equal(p.grad, value), name
