@@ -425,6 +425,8 @@ def test_sigint_during_the_demo(tmp_path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "sharpkit.cli", "measure", "--demo", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # a suite started in the background ignores SIGINT, and so would the child
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     line = proc.stdout.readline()  # printed once the demo trained, while measuring
     assert line.startswith("demo: trained"), line

@@ -131,6 +131,8 @@ def test_sigint_prints_one_line_exits_130_and_leaves_no_partial_file(tmp_path) -
         [sys.executable, "-c", _SLOW, "experiment", "two_cycle", "--scale", "test",
          "--seeds", "50", "--out", str(out), "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+        # a suite started in the background ignores SIGINT, and so would the child
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not list(out.rglob("seed0.json")) and time.monotonic() < deadline:

@@ -108,7 +108,7 @@ def test_lanczos_basis_options(tmp_path) -> None:
     assert rep.metrics["top_k"].details["eigenvalues"] == pytest.approx(
         evals[:5].tolist(), rel=1e-3
     )
-    with pytest.raises(ValueError, match="top_k.max_basis: expected at least 8"):
+    with pytest.raises(ValueError, match=r"top_k\.max_basis: expected at least 8"):
         measure_sharpness(
             net, nn.CrossEntropyLoss(), [data], ["top_k"], options={"top_k": {"max_basis": 7}}
         )
