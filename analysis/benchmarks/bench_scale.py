@@ -815,8 +815,10 @@ def main(argv: list[str] | None = None) -> None:
                     f" ({b['peak_mib'] / ref_mb:.2f})" if ref_mb else ""
                 )
                 where = b.get("storage", "memory")
-                if where == "file":
-                    where = f"file ({b['basis_mib']:.0f} MiB)"
+                if where == "file":  # the rows written: the steps (products less the
+                    # 5 explicit residuals), at most max_basis
+                    used = min(b["max_basis"], b["products"] - 5)
+                    where = f"file ({b['basis_mib'] / b['max_basis'] * used:.0f} MiB written)"
                 size_text = (
                     b["max_basis"] if b.get("requested", 1) else f"default ({b['max_basis']})"
                 )
