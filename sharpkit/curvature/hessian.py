@@ -391,11 +391,18 @@ class HessianOperator:
             )
         return loss
 
-    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Concatenate per-parameter tensors (in ``param_names`` order) into one flat vector."""
+    def flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Concatenate per-parameter tensors (in ``param_names`` order) into one flat
+        vector in the operator's dtype; a ``None`` entry stands for zeros."""
         if len(tensors) != len(self.shapes):
             raise ValueError(f"tensors: expected {len(self.shapes)} tensors, got {len(tensors)}")
-        return torch.cat([t.reshape(-1) for t in tensors])
+        out = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        for view, part in zip(self.unflatten(out), tensors):
+            if part is None:
+                view.zero_()
+            else:
+                view.copy_(part.reshape(view.shape))
+        return out
 
     def unflatten(self, v: torch.Tensor) -> list[torch.Tensor]:
         """Split a flat vector into per-parameter tensors shaped like the parameters."""
@@ -486,16 +493,6 @@ class HessianOperator:
             list(roots), leaves, grad_tensors, retain_graph=retain_graph, allow_unused=True
         )
         return [g if s is None else (s if g is None else s + g) for s, g in zip(sums, got)]
-
-    def _flat(self, parts: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """:meth:`flatten` with zeros for the ``None`` entries (no gradient)."""
-        out = torch.empty(self.dim, dtype=self.dtype, device=self.device)
-        for view, part in zip(self.unflatten(out), parts):
-            if part is None:
-                view.zero_()
-            else:
-                view.copy_(part)
-        return out
 
     def _hvp_revrev(self, vs: list[torch.Tensor], cached: int) -> list[torch.Tensor | None]:
         """``H v = sum_b (n_b / N) H_b v`` per parameter, by double backward: the weights
@@ -588,7 +585,7 @@ class HessianOperator:
             self._build_caches()
         cached = self.cached_batches or 0
         if self.hvp == "rev-rev":
-            out = self._flat(self._hvp_revrev(vs, cached))
+            out = self.flatten(self._hvp_revrev(vs, cached))
         else:
             out = None
             for i, (w, batch) in enumerate(zip(self._weights, self._batches)):
@@ -627,7 +624,7 @@ class HessianOperator:
                 loss = self._weighted_loss(leaves, batch, w, second_order=False)
             if loss.requires_grad:  # else no selected parameter is used: gradient 0
                 grads = self._accumulate(grads, leaves, [loss], None, retain_graph=False)
-        return self._flat(grads)
+        return self.flatten(grads)
 
     def blocks(self, by: str = "module") -> dict[str, HessianOperator]:
         """Diagonal blocks of ``H``: one operator per module (``by="module"``), per

@@ -262,8 +262,9 @@ class StackedBasis:
     directory. The products then move the rows to the compute device a panel at a
     time (at most ``_PANEL_BYTES`` of rows), slice by slice as on the compute
     device, so the results agree with a basis there to rounding (a BLAS kernel may
-    sum a slice in another order for another memory layout); the process holds a panel and one row buffer instead of the basis, and every step
-    reads the whole basis once or twice (the time this costs is that of moving it).
+    sum a slice in another order for another memory layout). The process holds a
+    panel and one row buffer instead of the basis, and every step reads the whole
+    basis once or twice (the time this costs is that of moving it).
 
     Args:
         dim: row length.
@@ -896,9 +897,9 @@ def eigenvalues(
             unnamed temporary file there, removed when the call ends. Away from the
             operator's device the rows are moved to it a panel of at most
             ``_PANEL_BYTES`` at a time, with the same arithmetic slice by slice, so
-            the result agrees to rounding; the process then holds a panel and one row instead of the
-            basis, and each step moves the basis once or twice (by ``max_basis``
-            rows at most), which costs time. The default ``max_basis`` is then a
+            the result agrees to rounding; the process then holds a panel and one
+            row instead of the basis, and each step moves the basis once or twice
+            (``max_basis`` rows at most), which costs time. The default ``max_basis`` is then a
             quarter of that device's available memory or of the disk's free space.
 
     Returns:
